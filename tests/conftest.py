@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny SD1.5 components built from configs, offline."""
+
+import os
+
+# No test may reach the Hugging Face Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from flow_lune.tiny import TinySDComponents, tiny_sd_components  # noqa: E402
+
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny-tokenizer"
+
+
+@pytest.fixture
+def tiny_components() -> TinySDComponents:
+    """Fresh tiny SD1.5 components (seed 0), the tokenizer read from the files shipped in tests/."""
+    return tiny_sd_components(seed=0, tokenizer_folder=TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionPipeline folder on disk (seed 0), written once per session."""
+    from flow_lune.tiny import save_tiny_sd_pipeline
+
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd15") / "pipe", seed=0)
