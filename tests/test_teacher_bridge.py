@@ -1,0 +1,182 @@
+"""The teacher bridge against independent references: diffusers' DDIMScheduler and closed forms."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from flow_lune.schedulers import (
+    EpsilonToFlowUNet,
+    FlowLuneScheduler,
+    TeacherSchedule,
+    euler_step,
+    guided_velocity,
+    sigma_from_t,
+    t_from_sigma,
+    teacher_query,
+    velocity_from_eps,
+)
+from flow_lune.tiny import SD15_SCHEDULER_CONFIG
+
+
+@pytest.fixture(scope="module")
+def schedule() -> TeacherSchedule:
+    return TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
+
+
+def ddim(num_steps: int, dtype=torch.float32) -> DDIMScheduler:
+    """diffusers' DDIM (eta 0, no clipping, final alpha 1) over the same abar table as the bridge.
+
+    diffusers accumulates abar in float32; the bridge keeps float64. Sharing the table isolates
+    what is compared: DDIM's update formula against Euler with the bridge velocity.
+    """
+    config = {k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    sched = DDIMScheduler(**config, set_alpha_to_one=True, clip_sample=False)
+    sched.alphas_cumprod = TeacherSchedule.from_scheduler_config(config).alphas_cumprod.to(dtype)
+    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=dtype)
+    sched.set_timesteps(num_steps)
+    return sched
+
+
+def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A deterministic, nonlinear stand-in for a teacher's epsilon prediction."""
+    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.tanh(0.7 * x + 0.3 * torch.roll(x, 1, dims=-1)) * (0.5 + t / 1000) + 0.1 * torch.sin(t / 97)
+
+
+def test_schedule_range_matches_sd15(schedule):
+    # Independent: scaled-linear betas written out here, not read from diffusers.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    torch.testing.assert_close(schedule.alphas_cumprod, abar, rtol=1e-6, atol=0)
+    assert schedule.sigma_max == pytest.approx(0.93596, abs=1e-5)
+    assert schedule.sigma_min == pytest.approx(0.02834, abs=1e-5)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    torch.testing.assert_close(sigma_from_t(torch.arange(1000), schedule), s / (a + s), rtol=1e-6, atol=0)
+
+
+def test_t_sigma_round_trips(schedule):
+    t = torch.arange(1000, dtype=torch.float64)
+    assert (t_from_sigma(sigma_from_t(t.long(), schedule), schedule) - t).abs().max() < 1e-9
+    sigma = torch.linspace(schedule.sigma_min, schedule.sigma_max, 997, dtype=torch.float64)
+    t_cont = t_from_sigma(sigma, schedule)
+    # Back to sigma by interpolating log(s/a) at the continuous t (the inverse of the forward map).
+    low = t_cont.floor().long().clamp(max=998)
+    w = t_cont - low
+    table = schedule.log_snr_sigmas
+    rho = torch.exp((1 - w) * table[low] + w * table[low + 1])
+    torch.testing.assert_close(rho / (1 + rho), sigma, rtol=1e-12, atol=1e-12)
+    # Outside the teacher's range t clamps; sigma = 0 and 1 stay finite.
+    assert t_from_sigma(torch.tensor([0.0, 0.01, 0.99, 1.0], dtype=torch.float64), schedule).tolist() == [
+        0.0,
+        0.0,
+        999.0,
+        999.0,
+    ]
+
+
+@pytest.mark.parametrize("num_steps", [4, 10, 25])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_euler_with_bridge_velocity_is_ddim(schedule, num_steps, dtype, tol):
+    sched = ddim(num_steps, dtype)
+    ts = sched.timesteps
+    sigmas = torch.cat([sigma_from_t(ts, schedule), torch.zeros(1, dtype=torch.float64)])
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64).to(dtype)
+
+    ddim_traj = [x_t]
+    for t in ts:
+        ddim_traj.append(sched.step(eps_fn(ddim_traj[-1], t.expand(2)), t, ddim_traj[-1]).prev_sample)
+
+    x = x_t * (1 / (schedule.a[ts[0]] + schedule.s[ts[0]])).to(dtype)  # x_sigma = x_t * n(sigma)
+    for i in range(len(ts)):
+        sigma = sigmas[i].to(dtype).expand(2)
+        q = teacher_query(x, sigma, schedule)
+        v = velocity_from_eps(x, sigma, eps_fn(q.x_t, q.t), schedule)
+        x = euler_step(x, v, sigmas[i].to(dtype), sigmas[i + 1].to(dtype))
+        a, s = schedule.a, schedule.s
+        prev_t = ts[i + 1] if i + 1 < len(ts) else None
+        scale = 1.0 if prev_t is None else float(a[prev_t] + s[prev_t])  # x_t = x_sigma * (a + s)
+        expected = ddim_traj[i + 1]
+        err = (x * scale - expected).abs().max().item()
+        if dtype == torch.float64:
+            assert err < tol, (i, err)
+        else:
+            assert err / expected.abs().max().item() < tol, (i, err)
+
+
+def test_velocity_continuous_at_sigma_max_and_finite_at_one(schedule):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
+    eps = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
+    s_max = schedule.sigma_max
+    below = velocity_from_eps(x, torch.tensor([s_max - 1e-12], dtype=torch.float64), eps, schedule)
+    above = velocity_from_eps(x, torch.tensor([s_max + 1e-12], dtype=torch.float64), eps, schedule)
+    assert (below - above).abs().max() < 1e-8
+    at_one = velocity_from_eps(x, torch.tensor([1.0], dtype=torch.float64), eps, schedule)
+    assert torch.isfinite(at_one).all()
+    # At sigma = 1, x_t = x and x0_hat = (x - s_max * eps) / a_max; v = x - x0_hat.
+    a, s = float(schedule.a[-1]), float(schedule.s[-1])
+    torch.testing.assert_close(at_one, x - (x - s * eps) / a)
+    # Below sigma(0) the in-range eps form holds: at sigma = 0, x0_hat = x_sigma.
+    torch.testing.assert_close(velocity_from_eps(x, torch.tensor([0.0], dtype=torch.float64), eps, schedule), eps - x)
+
+
+def test_not_the_ddpm_v_prediction_target(schedule):
+    """DDPM v-prediction ``a*eps - s*x0`` is not the flow velocity; the bridge gives ``eps - x0``."""
+    gen = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64).unbind(0)
+    x0, eps = x0[None], eps[None]
+    t = 500
+    sigma = sigma_from_t(torch.tensor([t]), schedule)
+    x_sigma = (1 - sigma) * x0 + sigma * eps
+    v = velocity_from_eps(x_sigma, sigma, eps, schedule)  # a perfect teacher returns the true eps
+    torch.testing.assert_close(v, eps - x0)
+    v_ddpm = schedule.a[t] * eps - schedule.s[t] * x0
+    assert (v - v_ddpm).abs().max() > 0.1
+
+
+def test_guidance_in_eps_equals_guidance_in_v(schedule):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 4, 4, generator=gen, dtype=torch.float64)
+    e_u, e_c = torch.randn(2, 3, 4, 4, 4, generator=gen, dtype=torch.float64)
+    sigma = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)  # above, inside and below the range
+    w = 7.5
+    v_from_guided_eps = velocity_from_eps(x, sigma, e_u + w * (e_c - e_u), schedule)
+    v_guided = guided_velocity(
+        velocity_from_eps(x, sigma, e_u, schedule), velocity_from_eps(x, sigma, e_c, schedule), w
+    )
+    torch.testing.assert_close(v_guided, v_from_guided_eps)
+
+
+def test_teacher_config_errors():
+    with pytest.raises(ValueError, match="no scheduler config"):
+        TeacherSchedule.from_scheduler_config(None)
+    with pytest.raises(ValueError, match="prediction_type is 'v_prediction'"):
+        TeacherSchedule.from_scheduler_config({**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        TeacherSchedule.from_scheduler_config({**SD15_SCHEDULER_CONFIG, "rescale_betas_zero_snr": True})
+    with pytest.raises(ValueError, match="lacks"):
+        TeacherSchedule.from_scheduler_config({"prediction_type": "epsilon"})
+
+
+def test_wrapped_tiny_unet_through_flow_scheduler_is_ddim(tiny_components):
+    """FlowLuneScheduler.step over the wrapped tiny UNet reproduces DDIM over the raw UNet."""
+    unet = tiny_components.unet
+    schedule = TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
+    teacher = EpsilonToFlowUNet(unet, SD15_SCHEDULER_CONFIG)
+    sched = ddim(6)
+    gen = torch.Generator().manual_seed(4)
+    cond = torch.randn(1, 77, 32, generator=gen)
+    x_t = torch.randn(1, 4, 8, 8, generator=gen)
+    flow = FlowLuneScheduler()
+    flow.set_timesteps(sigmas=sigma_from_t(sched.timesteps, schedule).float())
+    x = x_t * float(1 / (schedule.a[sched.timesteps[0]] + schedule.s[sched.timesteps[0]]))
+    with torch.no_grad():
+        for t_ddim, t_flow in zip(sched.timesteps, flow.timesteps):
+            x_t = sched.step(unet(x_t, t_ddim, cond).sample, t_ddim, x_t).prev_sample
+            x = flow.step(teacher(x, t_flow, encoder_hidden_states=cond).sample, t_flow, x).prev_sample
+    rel = ((x - x_t).abs().max() / x_t.abs().max()).item()
+    assert rel < 1e-5, rel
+    assert math.isfinite(rel)
