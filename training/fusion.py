@@ -1,0 +1,84 @@
+"""Fusion of the assessor's signals into per-block loss weights (DESIGN.md section 6).
+
+``lambda_b = clip(w_b * (1 + alpha * e_t + beta * e_p + delta * (1 - coh)), lam_min, lam_max)``
+
+``w_b`` are the base block weights, ``e_t`` the normalised timestep error, ``e_p`` the normalised
+pattern entropy and ``coh`` the coherence, each in [0, 1]. With ``e_t = e_p = 0`` and ``coh = 1``
+(a fully confident, fully coherent assessor) ``lambda_b = w_b`` (inside the bounds). This module
+has no model dependency: the trainer imports :class:`FusionConfig` for its flags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["FusionConfig", "fuse_block_weights"]
+
+
+@dataclass
+class FusionConfig:
+    """Coefficients and bounds of the fusion; defaults are DESIGN.md section 6."""
+
+    alpha: float = 0.5  # timestep error: the strongest sign that a block is confused about sigma
+    beta: float = 0.25  # pattern entropy: weaker, content ambiguity is partly inherent
+    delta: float = 0.25  # incoherence with the teacher's embedding
+    lam_min: float = 0.5  # no block is ever switched off
+    lam_max: float = 3.0  # no block dominates the penalty
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "delta", "lam_min", "lam_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"FusionConfig.{name} must be a finite number, got {value!r}.")
+        for name in ("alpha", "beta", "delta"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"FusionConfig.{name} must be >= 0 (a signal can only raise a weight), got {getattr(self, name)}."
+                )
+        if self.lam_min < 0 or self.lam_min > self.lam_max:
+            raise ValueError(
+                f"Need 0 <= lam_min <= lam_max, got lam_min={self.lam_min}, lam_max={self.lam_max}; "
+                "pass --lambda_min/--lambda_max in that order."
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_signal(name: str, x: torch.Tensor, shape: torch.Size) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but w has shape {tuple(shape)}; pass one value per block.")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds non-finite values: {x.tolist()}.")
+    if (x < 0).any() or (x > 1).any():
+        raise ValueError(f"{name} must lie in [0, 1], got {x.tolist()}; normalise it before fusing.")
+
+
+@torch.no_grad()
+def fuse_block_weights(
+    w: torch.Tensor, e_t: torch.Tensor, e_p: torch.Tensor, coh: torch.Tensor, cfg: FusionConfig
+) -> torch.Tensor:
+    """``lambda_b = clip(w_b (1 + alpha e_t + beta e_p + delta (1 - coh)), lam_min, lam_max)``, no grad.
+
+    Args:
+        w: (num_blocks,) base weights ``w_b``.
+        e_t, e_p, coh: (num_blocks,) signals in [0, 1].
+        cfg: the coefficients and bounds.
+
+    Returns:
+        (num_blocks,) ``lambda_b``, detached, in ``w``'s dtype and device.
+    """
+    if not isinstance(cfg, FusionConfig):
+        raise TypeError(f"cfg must be a FusionConfig, got {type(cfg).__name__}.")
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        raise ValueError(f"w must be a 1-D tensor of base block weights, got {w!r}.")
+    for name, x in (("e_t", e_t), ("e_p", e_p), ("coh", coh)):
+        _check_signal(name, x, w.shape)
+    e_t, e_p, coh = (x.to(device=w.device, dtype=w.dtype) for x in (e_t, e_p, coh))
+    lam = w * (1 + cfg.alpha * e_t + cfg.beta * e_p + cfg.delta * (1 - coh))
+    return lam.clamp(cfg.lam_min, cfg.lam_max).detach()
