@@ -1,0 +1,75 @@
+"""Safetensors header metadata: ModelSpec keys (as kohya-ss/sd-scripts writes them) and Flow Lune's own.
+
+ModelSpec has no architecture suffix for flow models that tools agree on, so the architecture
+stays ``stable-diffusion-v1`` (what loaders match on) and the flow parameterisation goes in
+``modelspec.prediction_type`` and the ``flow_lune.*`` keys.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from .hashing import PLACEHOLDER
+
+MODELSPEC_VERSION = "1.0.0"
+ARCHITECTURE = "stable-diffusion-v1"
+IMPLEMENTATION = "https://github.com/CompVis/stable-diffusion"  # the LDM key layout of the file
+PREDICTION_TYPE = "flow"  # rectified flow: v = eps - x0 on x_sigma = (1 - sigma) x0 + sigma eps
+FLOW_CONVENTION = "x_sigma=(1-sigma)*x0+sigma*eps; output v=eps-x0; timestep=1000*sigma; sigma'=s*sigma/(1+(s-1)*sigma)"
+SOURCE_HASH_KEY = "flow_lune.source_sha256"
+SOURCE_FILES_KEY = "flow_lune.source_files"
+
+
+def single_file_metadata(
+    *,
+    title: str,
+    shift: float,
+    cfg: float,
+    steps: int,
+    width: int,
+    height: int,
+    components: list[str],
+    source_kind: str,
+    source_names: list[str] | None,
+    ema: str | None,
+) -> dict[str, str]:
+    """The ``__metadata__`` of a single file; the source hashes are placeholders filled in after writing.
+
+    ``source_names`` None: no source hash (``--no-source-hash``).
+    """
+    from flow_lune import __version__
+
+    meta = {
+        "format": "pt",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": PREDICTION_TYPE,
+        "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.description": (
+            f"Flow Lune rectified-flow SD1.5 student. Sample with flow-matching Euler, shift {shift:g}, cfg {cfg:g}; "
+            f"in ComfyUI put ModelSamplingSD3(shift={shift:g}) after the loader (see the .workflow.json)."
+        ),
+        "flow_lune.version": __version__,
+        "flow_lune.prediction": FLOW_CONVENTION,
+        "flow_lune.shift": repr(float(shift)),
+        "flow_lune.cfg": repr(float(cfg)),
+        "flow_lune.steps": str(int(steps)),
+        "flow_lune.components": ",".join(components),
+        "flow_lune.source_kind": source_kind,
+        "flow_lune.ema": ema or "none",
+    }
+    if source_names is None:
+        meta[SOURCE_HASH_KEY] = "not computed"
+    else:
+        meta[SOURCE_HASH_KEY] = PLACEHOLDER
+        meta[SOURCE_FILES_KEY] = json.dumps({name: PLACEHOLDER for name in source_names}, sort_keys=True)
+    return meta
+
+
+def hash_values(per_file: dict[str, str], combined: str) -> dict[str, str]:
+    """The metadata values that replace the placeholders, of the same lengths."""
+    return {SOURCE_HASH_KEY: combined, SOURCE_FILES_KEY: json.dumps(per_file, sort_keys=True)}
