@@ -218,7 +218,8 @@ def check_position_ids(tensor: torch.Tensor, where: str) -> str:
             "damaged (a known fault of some merged checkpoints); repair the position_ids or use another file"
         )
     exact = torch.equal(values, expected.to(torch.float64))
-    return f"{where}: position_ids checked (0..{tensor.shape[-1] - 1}{'' if exact else ', after rounding'}); rewritten"
+    rounding = "" if exact else ", after rounding"
+    return f"{where}: position_ids checked equal to 0..{tensor.shape[-1] - 1}{rounding} (a constant buffer, not a weight)"
 
 
 # ---------------------------------------------------------------- diffusers sources

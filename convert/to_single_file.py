@@ -51,7 +51,7 @@ class ConversionResult:
     def summary(self) -> str:
         parts = ", ".join(f"{name} {n / 1e6:.1f}M" for name, n in self.components.items())
         lines = [
-            f"wrote {self.dst} ({self.num_tensors} tensors, {self.num_bytes / 1e9:.2f} GB) from a {self.source_kind}",
+            f"wrote {self.dst} ({self.num_tensors} tensors, {self.num_bytes / 1e9:.2f} GB); source: {self.source_kind}",
             f"parameters: {parts}; every source key mapped to exactly one destination key",
         ]
         if self.workflow is not None:

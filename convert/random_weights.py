@@ -1,0 +1,75 @@
+"""Random full-size SD1.5 weights from the built-in configs, for tests and the benchmark.
+
+Every tensor is drawn independently (so no two tensors are equal and a key swap cannot go
+unnoticed), straight into the state dict: no model is built, which keeps a 1.07B-parameter
+pipeline to seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .architecture import TEXT_MODEL_PREFIX, expected_shapes, text_keys_carry_text_model
+from .configs import builtin_config
+
+WEIGHT_FILES = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+
+
+def random_state_dict(component: str, config: dict, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Independent N(0, 0.02^2) tensors for every key ``config`` implies (diffusers layout)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = expected_shapes(component, config)
+    prefix = TEXT_MODEL_PREFIX if component == "text_encoder" and text_keys_carry_text_model(config) else ""
+    out = {}
+    for key, shape in shapes.items():
+        out[prefix + key] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+    return out
+
+
+def write_random_pipeline(
+    folder: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    components: tuple[str, ...] = ("unet", "vae", "text_encoder"),
+    tokenizer_folder: str | os.PathLike | None = None,
+) -> Path:
+    """Write a diffusers folder of random full-size SD1.5 components (configs from ``configs/sd15``)."""
+    folder = Path(folder)
+    for i, name in enumerate(components):
+        config = builtin_config(name)
+        part = folder / name
+        part.mkdir(parents=True, exist_ok=True)
+        (part / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        state = random_state_dict(name, config, dtype, seed + i)
+        save_file(state, str(part / WEIGHT_FILES[name]), metadata={"format": "pt"})
+        del state
+    scheduler = folder / "scheduler"
+    scheduler.mkdir(exist_ok=True)
+    (scheduler / "scheduler_config.json").write_text(json.dumps(builtin_config("scheduler"), indent=2) + "\n")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": [None, None],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if tokenizer_folder is not None:
+        import shutil
+
+        shutil.copytree(tokenizer_folder, folder / "tokenizer", dirs_exist_ok=True)
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return folder
