@@ -1,13 +1,15 @@
 """Random full-size SD1.5 weights from the built-in configs, for tests and the benchmark.
 
-Every tensor is drawn independently (so no two tensors are equal and a key swap cannot go
-unnoticed), straight into the state dict: no model is built, which keeps a 1.07B-parameter
-pipeline to seconds.
+Every tensor is a different window of one random pool (a distinct start offset per tensor, so no
+two tensors are equal and a key swap cannot go unnoticed), written straight into the state
+dict: no model is built and only the pool is drawn, which keeps a 1.07B-parameter pipeline to
+the time it takes to write it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -24,14 +26,22 @@ WEIGHT_FILES = {
 }
 
 
+POOL_SIZE = 1 << 26  # 64M values: larger than SD1.5's largest tensor (token embedding, 37.9M)
+OFFSET_STEP = 1_000_003  # a prime: tensor i starts at i * step (mod pool), so starts never coincide
+
+
 def random_state_dict(component: str, config: dict, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """Independent N(0, 0.02^2) tensors for every key ``config`` implies (diffusers layout)."""
+    """Distinct N(0, 0.02^2) tensors for every key ``config`` implies (diffusers layout)."""
     generator = torch.Generator().manual_seed(seed)
     shapes = expected_shapes(component, config)
+    n_max = max(math.prod(s) for s in shapes.values())
+    pool = (torch.randn(max(POOL_SIZE, n_max) * 2, generator=generator) * 0.02).to(dtype)
+    half = pool.numel() // 2
     prefix = TEXT_MODEL_PREFIX if component == "text_encoder" and text_keys_carry_text_model(config) else ""
     out = {}
-    for key, shape in shapes.items():
-        out[prefix + key] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+    for i, (key, shape) in enumerate(shapes.items()):
+        start = (i * OFFSET_STEP) % half
+        out[prefix + key] = pool[start : start + math.prod(shape)].clone().reshape(shape)
     return out
 
 

@@ -136,7 +136,12 @@ def load_pickle(path: Path, allow_pickle: bool) -> dict:
             "Pass --allow-pickle to read it with torch.load(weights_only=True), or re-save it as real safetensors"
         )
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=sniff_zip(path))
+        if path.suffix == ".safetensors":
+            # torch.load hands a name ending in .safetensors to safetensors; a file object it unpickles.
+            with open(path, "rb") as f:
+                data = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=sniff_zip(path))
     except pickle.UnpicklingError as err:
         raise ConversionError(
             f"torch.load(weights_only=True) refused {path}: it holds pickled objects other than tensors and plain "
