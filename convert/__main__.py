@@ -19,9 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- to-single-file
     p = sub.add_parser("to-single-file", help="diffusers folder / UNet / checkpoint -> original-layout .safetensors")
-    p.add_argument("src", help="diffusers pipeline folder, UNet folder or file, checkpoint-N folder, or earlier-trainer .pt")
+    p.add_argument(
+        "src", help="diffusers pipeline folder, UNet folder or file, checkpoint-N folder, or earlier-trainer .pt"
+    )
     p.add_argument("dst", help="output .safetensors (or .ckpt with --allow-pickle)")
-    p.add_argument("--base", help="pipeline folder or single file to take the VAE and text encoder from (UNet-only SRC)")
+    p.add_argument(
+        "--base", help="pipeline folder or single file to take the VAE and text encoder from (UNet-only SRC)"
+    )
     p.add_argument("--config", help="local diffusers folder with the UNet config, for SRC without one")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     p.add_argument("--ema", choices=["use", "drop"], help="what to do with EMA weights (unet_ema/, model_ema.*)")
@@ -37,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("to-diffusers", help="original-layout single file (full or UNet-only) -> diffusers folder")
     p.add_argument("src", help="SD1.5 original-layout .safetensors")
     p.add_argument("dst", help="output folder")
-    p.add_argument("--config", help="local diffusers folder to take configs (and tokenizer) from; default built-in SD1.5")
+    p.add_argument(
+        "--config", help="local diffusers folder to take configs (and tokenizer) from; default built-in SD1.5"
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     p.add_argument("--ema", choices=["use", "drop"], help="what to do with model_ema.* keys")
     _common(p)
@@ -67,24 +73,43 @@ def main(argv: list[str] | None = None) -> int:
             from .to_single_file import convert_to_single_file
 
             result = convert_to_single_file(
-                args.src, args.dst, base=args.base, config=args.config, dtype=args.dtype, ema=args.ema,
-                shift=args.shift, cfg=args.cfg, steps=args.steps, title=args.title, overwrite=args.overwrite,
-                allow_pickle=args.allow_pickle, write_workflow=not args.no_workflow,
-                source_hash=not args.no_source_hash, progress=not args.no_progress,
+                args.src,
+                args.dst,
+                base=args.base,
+                config=args.config,
+                dtype=args.dtype,
+                ema=args.ema,
+                shift=args.shift,
+                cfg=args.cfg,
+                steps=args.steps,
+                title=args.title,
+                overwrite=args.overwrite,
+                allow_pickle=args.allow_pickle,
+                write_workflow=not args.no_workflow,
+                source_hash=not args.no_source_hash,
+                progress=not args.no_progress,
             )
             print(result.summary())
         elif args.command == "to-diffusers":
             from .to_diffusers import convert_to_diffusers
 
             result = convert_to_diffusers(
-                args.src, args.dst, config=args.config, dtype=args.dtype, ema=args.ema, overwrite=args.overwrite,
-                allow_pickle=args.allow_pickle, progress=not args.no_progress,
+                args.src,
+                args.dst,
+                config=args.config,
+                dtype=args.dtype,
+                ema=args.ema,
+                overwrite=args.overwrite,
+                allow_pickle=args.allow_pickle,
+                progress=not args.no_progress,
             )
             print(result.summary())
         else:
             from .inspect_model import inspect_path, report_json
 
-            report = inspect_path(args.path, reference=args.reference, config=args.config, allow_pickle=args.allow_pickle)
+            report = inspect_path(
+                args.path, reference=args.reference, config=args.config, allow_pickle=args.allow_pickle
+            )
             print(report_json(report) if args.json else report.format())
     except ConversionError as err:
         print(f"flow-lune-convert: error: {err}", file=sys.stderr)

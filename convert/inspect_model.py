@@ -51,7 +51,9 @@ class UnetComparison:
     def verdict(self) -> str:
         if self.same:
             return f"UNet IDENTICAL to the reference {self.reference} ({self.identical} tensors equal)"
-        parts = [f"{self.different} of {self.identical + self.different} tensors differ (max |diff| {self.max_abs_diff:.3g})"]
+        parts = [
+            f"{self.different} of {self.identical + self.different} tensors differ (max |diff| {self.max_abs_diff:.3g})"
+        ]
         if self.only_here or self.only_in_reference:
             parts.append(f"{len(self.only_here)} keys only here, {len(self.only_in_reference)} only in the reference")
         return f"UNet DIFFERS from the reference {self.reference}: " + "; ".join(parts)
@@ -94,8 +96,13 @@ class InspectReport:
         }
         if self.comparison is not None:
             c = self.comparison
-            out["reference"] = {"path": c.reference, "same": c.same, "identical": c.identical,
-                                "different": c.different, "max_abs_diff": c.max_abs_diff}
+            out["reference"] = {
+                "path": c.reference,
+                "same": c.same,
+                "identical": c.identical,
+                "different": c.different,
+                "max_abs_diff": c.max_abs_diff,
+            }
         return out
 
 
@@ -119,8 +126,9 @@ def inspect_path(
         ref_path = resolve_path(reference)
         ref_unet = unet_in_diffusers_layout(ref_path, config_dir, allow_pickle)
         config_for_file = config_dir or (ref_path if ref_path.is_dir() else None)
-        report.comparison = compare_unets(unet_in_diffusers_layout(path, config_for_file, allow_pickle),
-                                          ref_unet, str(ref_path))
+        report.comparison = compare_unets(
+            unet_in_diffusers_layout(path, config_for_file, allow_pickle), ref_unet, str(ref_path)
+        )
     return report
 
 
@@ -134,16 +142,21 @@ def _inspect_folder(path: Path) -> InspectReport:
     if (path / "unet_ema").is_dir():
         report.notes.append("holds unet_ema/ too: --ema use converts the EMA UNet")
     if source.scheduler_config:
-        report.notes.append(f"scheduler: {source.scheduler_config.get('_class_name', '?')}"
-                            + (f", shift {source.scheduler_config['shift']}" if "shift" in source.scheduler_config else ""))
+        report.notes.append(
+            f"scheduler: {source.scheduler_config.get('_class_name', '?')}"
+            + (f", shift {source.scheduler_config['shift']}" if "shift" in source.scheduler_config else "")
+        )
     return report
 
 
 def _inspect_file(path: Path, allow_pickle: bool) -> InspectReport:
     if sniff_format(path) == "pickle":
         if path.suffix == ".safetensors" and not allow_pickle:
-            return InspectReport(path, "a PICKLE (torch.save) file named .safetensors: not safetensors, refused "
-                                       "(pass --allow-pickle to look inside with torch.load(weights_only=True))")
+            return InspectReport(
+                path,
+                "a PICKLE (torch.save) file named .safetensors: not safetensors, refused "
+                "(pass --allow-pickle to look inside with torch.load(weights_only=True))",
+            )
         data = load_pickle(path, allow_pickle=True)
         if EARLIER_TRAINER_KEYS <= data.keys():
             source = earlier_trainer_source(path, data, None)
@@ -176,10 +189,14 @@ def _inspect_file(path: Path, allow_pickle: bool) -> InspectReport:
         report.kind = kind_prefix + ("LDM single file, full (SD1.5)" if full else "LDM single file, UNet-only (SD1.5)")
         report.params = {k: v for k, v in groups.items() if not k.startswith("_")}
         if groups.get("_ema"):
-            report.notes.append(f"holds an EMA copy of the UNet ({groups['_ema']:,} values): converting needs --ema use|drop")
+            report.notes.append(
+                f"holds an EMA copy of the UNet ({groups['_ema']:,} values): converting needs --ema use|drop"
+            )
         markers = [k for k in shapes if k in PREDICTION_MARKERS]
         if markers:
-            report.notes.append(f"prediction marker keys {markers}: ComfyUI/A1111 treat it as v-prediction; not a Flow Lune file")
+            report.notes.append(
+                f"prediction marker keys {markers}: ComfyUI/A1111 treat it as v-prediction; not a Flow Lune file"
+            )
         if groups.get("_other"):
             report.notes.append(f"{groups['_other']:,} values under keys of no SD1.5 component")
         if metadata.get("modelspec.prediction_type"):

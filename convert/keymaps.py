@@ -83,7 +83,9 @@ def unet_block_table(config: dict) -> list[tuple[str, str, str]]:
             if _has_attention(block_type):
                 rows.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{row}.1.", "attention"))
         if i < len(down_types) - 1:
-            rows.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (per_level + 1)}.0.op.", "plain"))
+            rows.append(
+                (f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (per_level + 1)}.0.op.", "plain")
+            )
     for i, block_type in enumerate(up_types):
         for j in range(per_level + 1):
             row = i * (per_level + 1) + j
@@ -115,12 +117,16 @@ def vae_block_table(config: dict) -> list[tuple[str, str, str]]:
         for j in range(per_level):
             rows.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", "resnet"))
         if i < levels - 1:
-            rows.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", "plain"))
+            rows.append(
+                (f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", "plain")
+            )
         ldm_level = levels - 1 - i
         for j in range(per_level + 1):
             rows.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{ldm_level}.block.{j}.", "resnet"))
         if i < levels - 1:
-            rows.append((f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{ldm_level}.upsample.conv.", "plain"))
+            rows.append(
+                (f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{ldm_level}.upsample.conv.", "plain")
+            )
     return rows
 
 

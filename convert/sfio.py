@@ -172,7 +172,11 @@ def header_bytes(entries: list[OutTensor], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for e in entries:
-        header[e.key] = {"dtype": DTYPE_TO_STR[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        header[e.key] = {
+            "dtype": DTYPE_TO_STR[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -247,7 +251,8 @@ def verify_written(path: str | os.PathLike, entries: Iterable[OutTensor], metada
     found = {k: (t.dtype, t.shape) for k, t in header.tensors.items()}
     if planned.keys() != found.keys():
         raise ConversionError(
-            f"written file {path} does not hold the planned keys: missing {format_keys(planned.keys() - found.keys())}; "
+            f"written file {path} does not hold the planned keys: "
+            f"missing {format_keys(planned.keys() - found.keys())}; "
             f"extra {format_keys(found.keys() - planned.keys())}"
         )
     wrong = [k for k in planned if planned[k] != found[k]]

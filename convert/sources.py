@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .architecture import describe_ldm_keys, describe_unet_config, strip_text_model
+from .architecture import describe_ldm_keys, describe_unet_config
 from .configs import folder_config, read_json
 from .errors import ConversionError, format_keys
 from .keymaps import LDM_PREFIXES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
@@ -224,7 +224,9 @@ def check_position_ids(tensor: torch.Tensor, where: str) -> str:
         )
     exact = torch.equal(values, expected.to(torch.float64))
     rounding = "" if exact else ", after rounding"
-    return f"{where}: position_ids checked equal to 0..{tensor.shape[-1] - 1}{rounding} (a constant buffer, not a weight)"
+    return (
+        f"{where}: position_ids checked equal to 0..{tensor.shape[-1] - 1}{rounding} (a constant buffer, not a weight)"
+    )
 
 
 # ---------------------------------------------------------------- diffusers sources
@@ -241,7 +243,9 @@ def _component_file(folder: Path, name: str, allow_pickle: bool) -> Path:
                 )
             return candidate
     if (folder / f"{stem}.safetensors.index.json").is_file():
-        raise ConversionError(f"{folder} holds sharded weights; save it unsharded (max_shard_size larger than the model)")
+        raise ConversionError(
+            f"{folder} holds sharded weights; save it unsharded (max_shard_size larger than the model)"
+        )
     raise ConversionError(f"{folder} has no {stem}.safetensors")
 
 
@@ -276,7 +280,9 @@ def component_from_reader(
             note = check_position_ids(reader.get(keys.pop(pos_key)), origin)
             if notes is not None:
                 notes.append(note)
-    tensors = {k: TensorRef(reader, orig, reader.tensors[orig].dtype, reader.tensors[orig].shape) for k, orig in keys.items()}
+    tensors = {
+        k: TensorRef(reader, orig, reader.tensors[orig].dtype, reader.tensors[orig].shape) for k, orig in keys.items()
+    }
     return Component(name, layout, tensors, origin)
 
 
@@ -286,8 +292,10 @@ def _strip_text(keys: dict[str, str], origin: str) -> dict[str, str]:
 
 
 def is_pipeline_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "model_index.json").is_file() or all(
-        (path / part).is_dir() for part in ("unet", "vae", "text_encoder")
+    return (
+        path.is_dir()
+        and (path / "model_index.json").is_file()
+        or all((path / part).is_dir() for part in ("unet", "vae", "text_encoder"))
     )
 
 
@@ -304,8 +312,15 @@ def open_diffusers_source(path: Path, *, ema: str | None, allow_pickle: bool, un
             components[name], files = comp, files + [file]
         sched = folder_config(path, "scheduler")
         _refuse_other_families(components["unet"])
-        return Source(path, "diffusers pipeline folder", components, files, scheduler_config=sched, notes=notes,
-                      pipeline_folder=path)
+        return Source(
+            path,
+            "diffusers pipeline folder",
+            components,
+            files,
+            scheduler_config=sched,
+            notes=notes,
+            pipeline_folder=path,
+        )
     if (path / "unet").is_dir() or (path / "model.safetensors").is_file():
         return _open_training_checkpoint(path, ema=ema, allow_pickle=allow_pickle, unet_config=unet_config)
     if (path / "diffusion_pytorch_model.safetensors").is_file() or (path / "diffusion_pytorch_model.bin").is_file():
@@ -396,7 +411,10 @@ def describe_keys(reader) -> str:
         stripped = list(strip_prefixes(keys, str(reader.path)))
     except ConversionError:
         stripped = keys
-    if any(k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX, "cond_stage_model.", "conditioner.")) for k in keys):
+    if any(
+        k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, EMA_PREFIX, "cond_stage_model.", "conditioner."))
+        for k in keys
+    ):
         shapes = {k: reader.tensors[k].shape for k in keys}
         what = describe_ldm_keys(shapes)
         return "ldm" if what == "sd1" else what
@@ -427,7 +445,8 @@ def _refuse_other_families(comp: Component) -> None:
     if widths & {1024, 2048}:
         family = "SDXL" if 2048 in widths else "SD2"
         raise ConversionError(
-            f"{comp.origin} is an {family} UNet (cross-attention width {max(widths)}); Flow Lune converts only SD1.5 models"
+            f"{comp.origin} is an {family} UNet (cross-attention width {max(widths)}); "
+            "Flow Lune converts only SD1.5 models"
         )
 
 
@@ -457,7 +476,8 @@ def open_ldm_source(path: Path, *, ema: str | None, allow_pickle: bool, schedule
     kind = "LDM single file, full" if {"vae", "text_encoder"} <= components.keys() else "LDM single file, UNet-only"
     if len(components) == 2:
         raise ConversionError(
-            f"{path} holds {sorted(components)} but not all of unet, vae, text_encoder; a single file is full or UNet-only"
+            f"{path} holds {sorted(components)} but not all of unet, vae, text_encoder; "
+            "a single file is full or UNet-only"
         )
     return Source(path, kind, components, [path], metadata=dict(reader.metadata), notes=notes)
 
@@ -518,7 +538,7 @@ def _apply_ema(reader, groups, ema_keys: list[str], ema: str | None, notes: list
 
 
 def check_schedule(reader, keys: list[str], scheduler_config: dict | None, origin: str) -> str:
-    """Check LDM's DDPM schedule buffers against the scheduler's betas (they are not weights; diffusers recomputes them)."""
+    """Check LDM's DDPM schedule buffers against the scheduler's betas (not weights: diffusers recomputes them)."""
     from .configs import builtin_config
 
     cfg = scheduler_config or builtin_config("scheduler")
@@ -535,7 +555,8 @@ def check_schedule(reader, keys: list[str], scheduler_config: dict | None, origi
             if found.shape != ref.shape or not torch.allclose(found, ref, rtol=2e-3, atol=1e-6):
                 raise ConversionError(
                     f"{origin}: the schedule buffer {key} does not match the scheduler ({cfg.get('beta_schedule')} "
-                    f"{start}..{end}, {n} steps); this is not an SD1.5-schedule file, or pass --config with its scheduler"
+                    f"{start}..{end}, {n} steps); this is not an SD1.5-schedule file, "
+                    "or pass --config with its scheduler"
                 )
     return f"{origin}: {len(keys)} DDPM schedule buffers checked against the scheduler config; not weights, not written"
 

@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-
 from .accounting import plan_component, read_position
 from .architecture import text_keys_carry_text_model
 from .configs import builtin_config, folder_config, read_json

@@ -72,7 +72,9 @@ def resolve_config(comp: Component, config_dir: Path | None) -> tuple[dict, str]
     if config_dir is not None:
         found = folder_config(config_dir, comp.name)
         if found is None:
-            raise ConversionError(f"--config {config_dir} has no {comp.name} config (looked in {comp.name}/config.json)")
+            raise ConversionError(
+                f"--config {config_dir} has no {comp.name} config (looked in {comp.name}/config.json)"
+            )
         return found, f"{config_dir} ({comp.name})"
     return builtin_config(comp.name), f"built-in SD1.5 {comp.name} config"
 
@@ -85,7 +87,9 @@ def _base_components(base: Path, ema: str | None, allow_pickle: bool) -> tuple[d
     """VAE and text encoder from a ``--base`` pipeline folder or single file."""
     if base.is_dir():
         if not is_pipeline_folder(base):
-            raise ConversionError(f"--base {base} is a folder but not a diffusers pipeline (unet/, vae/, text_encoder/)")
+            raise ConversionError(
+                f"--base {base} is a folder but not a diffusers pipeline (unet/, vae/, text_encoder/)"
+            )
         src = open_diffusers_source(base, ema=None, allow_pickle=allow_pickle, unet_config=None)
     else:
         src = open_ldm_source(base, ema=ema or "drop", allow_pickle=allow_pickle)
@@ -169,7 +173,9 @@ def convert_to_single_file(
     if "text_encoder" in components:
         n_pos = int(configs["text_encoder"].get("max_position_embeddings", 77))
         entries.append(
-            OutTensor(POSITION_IDS_KEY, torch.int64, (1, n_pos), lambda n=n_pos: torch.arange(n, dtype=torch.int64)[None])
+            OutTensor(
+                POSITION_IDS_KEY, torch.int64, (1, n_pos), lambda n=n_pos: torch.arange(n, dtype=torch.int64)[None]
+            )
         )
 
     # 2. Metadata: what the file is and how to sample it.
@@ -219,8 +225,9 @@ def convert_to_single_file(
         notes=notes,
     )
     if wf_path is not None:
-        graph = comfyui_workflow(dst.name, shift=shift, cfg=cfg, steps=steps, width=size, height=size,
-                                 unet_only="vae" not in components)
+        graph = comfyui_workflow(
+            dst.name, shift=shift, cfg=cfg, steps=steps, width=size, height=size, unet_only="vae" not in components
+        )
         atomic_text(wf_path, json.dumps(graph, indent=2) + "\n")
         result.workflow = wf_path
     return result

@@ -24,7 +24,7 @@ def comfyui_workflow(
     prompt: str = "a photograph of a lighthouse on a cliff at sunset",
     seed: int = 0,
 ) -> dict:
-    """The API-format graph: loader -> ModelSamplingSD3(shift) -> KSampler(euler, simple, cfg) -> VAEDecode -> SaveImage.
+    """API-format graph: loader -> ModelSamplingSD3(shift) -> KSampler(euler, simple, cfg) -> VAEDecode -> SaveImage.
 
     A UNet-only file loads through ``UNETLoader``, with CLIP and VAE taken from ``base_ckpt_name``.
     """

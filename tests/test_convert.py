@@ -163,8 +163,15 @@ def test_single_file_layout_and_metadata(tiny_pipeline_dir, tiny_file):
 def test_workflow_applies_the_shift(tiny_file):
     graph = json.loads(tiny_file.with_suffix(".workflow.json").read_text())
     by_type = {node["class_type"]: (nid, node["inputs"]) for nid, node in graph.items()}
-    assert set(by_type) >= {"CheckpointLoaderSimple", "ModelSamplingSD3", "KSampler", "CLIPTextEncode",
-                            "EmptyLatentImage", "VAEDecode", "SaveImage"}
+    assert set(by_type) >= {
+        "CheckpointLoaderSimple",
+        "ModelSamplingSD3",
+        "KSampler",
+        "CLIPTextEncode",
+        "EmptyLatentImage",
+        "VAEDecode",
+        "SaveImage",
+    }
     loader_id, loader = by_type["CheckpointLoaderSimple"]
     assert loader["ckpt_name"] == tiny_file.name
     ms_id, ms = by_type["ModelSamplingSD3"]
@@ -174,8 +181,9 @@ def test_workflow_applies_the_shift(tiny_file):
     assert ks["sampler_name"] == "euler" and ks["scheduler"] in ("simple", "normal") and ks["cfg"] == 4.5
     texts = [n["inputs"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
     assert {tuple(t["clip"]) for t in texts} == {(loader_id, 1)} and len(texts) == 2
-    assert {tuple(ks["positive"]), tuple(ks["negative"])} == {(nid, 0) for nid, n in graph.items()
-                                                              if n["class_type"] == "CLIPTextEncode"}
+    assert {tuple(ks["positive"]), tuple(ks["negative"])} == {
+        (nid, 0) for nid, n in graph.items() if n["class_type"] == "CLIPTextEncode"
+    }
     unet_only = comfyui_workflow("u.safetensors", shift=2.0, cfg=3.0, steps=8, unet_only=True)
     assert {n["class_type"] for n in unet_only.values()} >= {"UNETLoader", "ModelSamplingSD3"}
 
@@ -205,8 +213,9 @@ def test_unet_only_files(tiny_pipeline_dir, tmp_path):
     graph = json.loads(single.with_suffix(".workflow.json").read_text())
     assert "UNETLoader" in {n["class_type"] for n in graph.values()}
     expected = load_file(tiny_pipeline_dir / WEIGHTS["unet"])
-    loaded = UNet2DConditionModel.from_single_file(str(single), config=str(tiny_pipeline_dir), subfolder="unet",
-                                                   local_files_only=True)
+    loaded = UNet2DConditionModel.from_single_file(
+        str(single), config=str(tiny_pipeline_dir), subfolder="unet", local_files_only=True
+    )
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
     back = tmp_path / "unet-back"
     to_diffusers(single, back, config=tiny_pipeline_dir)
@@ -248,8 +257,10 @@ def test_earlier_trainer_checkpoint_with_module_prefix(tiny_pipeline_dir, tmp_pa
     student = perturbed_student()
     ckpt = tmp_path / "earlier.pt"
     cfg = {"lr": 1e-5, "shift": 3.0, "blocks": ["down", "mid"]}
-    torch.save({"cfg": cfg, "student": {"module." + k: v for k, v in student.items()}, "opt": {}, "sched": {},
-                "gstep": 1200}, ckpt)
+    torch.save(
+        {"cfg": cfg, "student": {"module." + k: v for k, v in student.items()}, "opt": {}, "sched": {}, "gstep": 1200},
+        ckpt,
+    )
     dst = tmp_path / "student.safetensors"
     to_single(ckpt, dst, config=tiny_pipeline_dir, base=tiny_pipeline_dir)
     back = tmp_path / "back"
@@ -271,8 +282,9 @@ def test_earlier_trainer_checkpoint_with_pickled_objects_is_refused_clearly(tiny
     import argparse
 
     ckpt = tmp_path / "earlier.pt"
-    torch.save({"cfg": argparse.Namespace(lr=1), "student": tiny_unet().state_dict(), "opt": {}, "sched": {},
-                "gstep": 1}, ckpt)
+    torch.save(
+        {"cfg": argparse.Namespace(lr=1), "student": tiny_unet().state_dict(), "opt": {}, "sched": {}, "gstep": 1}, ckpt
+    )
     with pytest.raises(ConversionError, match="weights_only=True"):
         to_single(ckpt, tmp_path / "x.safetensors", config=tiny_pipeline_dir)
     assert not (tmp_path / "x.safetensors").exists()
@@ -301,8 +313,9 @@ def test_training_checkpoint_folder(tiny_pipeline_dir, tmp_path):
     # accelerate's model.safetensors with prefixed keys, as a fallback
     acc = tmp_path / "checkpoint-600"
     acc.mkdir()
-    save_file({"_orig_mod." + k: v.contiguous() for k, v in tiny_unet(seed=2).state_dict().items()},
-              acc / "model.safetensors")
+    save_file(
+        {"_orig_mod." + k: v.contiguous() for k, v in tiny_unet(seed=2).state_dict().items()}, acc / "model.safetensors"
+    )
     result = to_single(acc, tmp_path / "acc.safetensors", config=tiny_pipeline_dir)
     assert "accelerate" in result.source_kind
 
@@ -337,10 +350,14 @@ def test_dropped_unet_key(tiny_pipeline_dir, tmp_path):
     dst = tmp_path / "out" / "x.safetensors"
     dst.parent.mkdir()
     assert_refused(lambda: to_single(folder, dst), dst, r"missing 1 key: mid_block\.attentions\.0\.proj_out\.bias")
-    ldm = modified_ldm(_tiny_single(tiny_pipeline_dir, tmp_path), tmp_path,
-                       lambda s: s.pop("model.diffusion_model.out.2.bias"))
-    assert_refused(lambda: to_diffusers(ldm, tmp_path / "out" / "d", config=tiny_pipeline_dir),
-                   tmp_path / "out" / "d", r"missing 1 key: out\.2\.bias")
+    ldm = modified_ldm(
+        _tiny_single(tiny_pipeline_dir, tmp_path), tmp_path, lambda s: s.pop("model.diffusion_model.out.2.bias")
+    )
+    assert_refused(
+        lambda: to_diffusers(ldm, tmp_path / "out" / "d", config=tiny_pipeline_dir),
+        tmp_path / "out" / "d",
+        r"missing 1 key: out\.2\.bias",
+    )
 
 
 def _tiny_single(tiny_pipeline_dir: Path, tmp_path: Path) -> Path:
@@ -358,8 +375,12 @@ def test_renamed_vae_attention_key(tiny_pipeline_dir, tmp_path):
     state["encoder.mid_block.attentions.0.query.weight"] = state.pop("encoder.mid_block.attentions.0.to_q.weight")
     save_file(state, vae_file)
     dst = tmp_path / "x.safetensors"
-    assert_refused(lambda: to_single(pipe, dst), dst, r"missing 1 key: encoder\.mid_block\.attentions\.0\.to_q\.weight"
-                   r".*unexpected 1 key: encoder\.mid_block\.attentions\.0\.query\.weight")
+    assert_refused(
+        lambda: to_single(pipe, dst),
+        dst,
+        r"missing 1 key: encoder\.mid_block\.attentions\.0\.to_q\.weight"
+        r".*unexpected 1 key: encoder\.mid_block\.attentions\.0\.query\.weight",
+    )
 
 
 def test_extra_unknown_key(tiny_pipeline_dir, tmp_path):
@@ -376,7 +397,7 @@ def test_model_ema_needs_a_decision(tiny_pipeline_dir, tmp_path):
 
     def add_ema(state):
         for key in [k for k in state if k.startswith("model.diffusion_model.")]:
-            state["model_ema." + key[len("model."):].replace(".", "")] = state[key] + 1
+            state["model_ema." + key[len("model.") :].replace(".", "")] = state[key] + 1
         state["model_ema.decay"] = torch.tensor(0.9999)
         state["model_ema.num_updates"] = torch.tensor(10, dtype=torch.int32)
 
@@ -392,8 +413,9 @@ def test_model_ema_needs_a_decision(tiny_pipeline_dir, tmp_path):
 
 
 def test_v_pred_marker_is_refused(tiny_pipeline_dir, tmp_path):
-    ldm = modified_ldm(_tiny_single(tiny_pipeline_dir, tmp_path), tmp_path,
-                       lambda s: s.__setitem__("v_pred", torch.tensor([])))
+    ldm = modified_ldm(
+        _tiny_single(tiny_pipeline_dir, tmp_path), tmp_path, lambda s: s.__setitem__("v_pred", torch.tensor([]))
+    )
     dst = tmp_path / "d"
     assert_refused(lambda: to_diffusers(ldm, dst, config=tiny_pipeline_dir), dst, "v_pred")
     assert "v_pred" in inspect_path(ldm).format()
@@ -431,10 +453,18 @@ def test_sdxl_and_sd2_are_refused(tmp_path):
 
     torch.manual_seed(0)
     sdxl = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
         use_linear_projection=True,
     )
     sdxl.save_pretrained(tmp_path / "sdxl")
@@ -442,14 +472,24 @@ def test_sdxl_and_sd2_are_refused(tmp_path):
     assert_refused(lambda: to_single(tmp_path / "sdxl", dst), dst, "SDXL")
     # An original-layout SDXL-shaped file: label_emb and 2048-wide cross attention.
     fake = tmp_path / "sdxl-ldm.safetensors"
-    save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(8, 2816),
-               "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 2048),
-               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, fake)
+    save_file(
+        {
+            "model.diffusion_model.label_emb.0.0.weight": torch.zeros(8, 2816),
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 2048),
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+        },
+        fake,
+    )
     assert_refused(lambda: to_diffusers(fake, tmp_path / "d"), tmp_path / "d", "SDXL")
     assert "SDXL" in inspect_path(fake).kind
     sd2 = tmp_path / "sd2-ldm.safetensors"
-    save_file({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024),
-               "cond_stage_model.model.token_embedding.weight": torch.zeros(4, 8)}, sd2)
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024),
+            "cond_stage_model.model.token_embedding.weight": torch.zeros(4, 8),
+        },
+        sd2,
+    )
     assert_refused(lambda: to_diffusers(sd2, tmp_path / "d"), tmp_path / "d", "SD2")
 
 
@@ -487,8 +527,10 @@ def test_cli_errors_exit_2_without_traceback(tiny_pipeline_dir, tmp_path, capsys
     assert main(["to-single-file", str(tiny_pipeline_dir), str(dst), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "Traceback" not in err
-    assert main(["inspect", str(dst), "--reference", str(tiny_pipeline_dir), "--config", str(tiny_pipeline_dir),
-                 "--json"]) == 0
+    assert (
+        main(["inspect", str(dst), "--reference", str(tiny_pipeline_dir), "--config", str(tiny_pipeline_dir), "--json"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "LDM single file, full (SD1.5)" and report["reference"]["same"] is True
     assert report["params"]["unet"] == sum(v.numel() for v in load_file(tiny_pipeline_dir / WEIGHTS["unet"]).values())
