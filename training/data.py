@@ -239,10 +239,15 @@ def _load_dataset(name: str, config_name: str | None, cfg: DataConfig, flag: str
     datasets_cache = str(Path(cfg.cache_dir).expanduser() / "datasets")
     if path.is_dir():
         identity = {"local": str(path.resolve()), "files": folder_listing_digest(path), "config": config_name}
-        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            ds = datasets.load_from_disk(str(path))  # a dataset written by save_to_disk
+        state = path / "state.json"
+        if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files", True):
+            raise ValueError(f"{flag} {name!r} is empty: it has no rows to train on.")
+        if state.is_file() or (path / "dataset_dict.json").is_file():
+            ds = _read_local(datasets.load_from_disk, flag, name, str(path))  # written by save_to_disk
         else:
-            ds = datasets.load_dataset(str(path), config_name, split="train", cache_dir=datasets_cache)
+            ds = _read_local(
+                datasets.load_dataset, flag, name, str(path), config_name, split="train", cache_dir=datasets_cache
+            )
     elif path.exists() or _looks_like_path(name):
         raise ValueError(
             f"{flag} {name!r}: no such folder. Pass a folder that exists, or a Hugging Face Hub dataset id."
@@ -261,6 +266,19 @@ def _load_dataset(name: str, config_name: str | None, cfg: DataConfig, flag: str
             raise ValueError(f"{flag} {name!r} has splits {list(ds)} but no 'train' split; save the train split.")
         ds = ds["train"]
     return ds, identity
+
+
+def _read_local(load: Any, flag: str, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``load(*args, **kwargs)`` with the datasets library's errors for a local folder turned into one message."""
+    try:
+        return load(*args, **kwargs)
+    except Exception as err:  # datasets raises IndexError, ValueError, FileNotFoundError... for bad folders
+        if "corresponds to no data" in str(err) or type(err).__name__ == "EmptyDatasetError":
+            raise ValueError(f"{flag} {name!r} is empty: it has no rows to train on.") from err
+        raise ValueError(
+            f"{flag} {name!r}: the datasets library could not read this folder ({type(err).__name__}: {err}). "
+            "Pass a folder of data files (parquet, json, csv, images + metadata.jsonl) or one written by save_to_disk."
+        ) from err
 
 
 def _check_columns(ds: Any, needed: Mapping[str, str], what: str) -> None:
@@ -330,7 +348,9 @@ def resolve_source(cfg: DataConfig, latent_channels: int = 4) -> ResolvedSource:
 
             path = str(Path(name).expanduser())
             cache = str(Path(cfg.cache_dir).expanduser() / "datasets")
-            ds = datasets.load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache)
+            ds = _read_local(
+                datasets.load_dataset, flag, name, "imagefolder", data_dir=path, split="train", cache_dir=cache
+            )
             identity = {"imagefolder": str(Path(path).resolve()), "files": folder_listing_digest(path)}
         else:
             ds, identity = _load_dataset(name, cfg.dataset_config_name, cfg, flag)
