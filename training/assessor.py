@@ -1,0 +1,558 @@
+"""The assessor ("David"): per-block companions that judge pooled UNet features (DESIGN.md section 6).
+
+One small companion per block (the nine blocks of DESIGN.md section 5) sees the block's spatially
+pooled features ``f`` (C_b channels), standardised with the teacher's per-channel statistics, and has
+
+- an embedding ``z = normalize(g(f))`` (L2-normalised, ``embed_dim``),
+- a timestep head: logits over ``num_bins`` equal sigma bins on [0, 1],
+- a pattern head: logits over ``num_patterns`` patterns (k-means clusters of the teacher's pooled
+  features of the block, centroids stored in the model; or class labels carried by the data).
+
+Signals, per block, batch means, each in [0, 1] (DESIGN.md section 6):
+
+- ``e_t = clip(CE(timestep_logits(f_student), bin(sigma)) / ln(num_bins), 0, 1)``
+- ``e_p = H(softmax(pattern_logits(f_student))) / ln(num_patterns)``
+- ``coh = (1 + cos(z(f_student), z(f_teacher))) / 2``, the same sample's student and teacher embeddings.
+
+The embedding is trained contrastively on the teacher (InfoNCE): two views of the same sample (the same
+x0 at a nearby sigma with partly fresh noise) agree, other samples in the batch disagree. So ``coh`` is 1
+when the student's features equal the teacher's, and falls as they move toward another sample's.
+
+Saved as ``config.json`` + ``model.safetensors``; loading checks every key and shape both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .fusion import FusionConfig, fuse_block_weights
+
+__all__ = [
+    "AssessorConfig",
+    "AssessorTrainingConfig",
+    "AssessorSignals",
+    "AssessorLoss",
+    "CompanionOutput",
+    "BlockCompanion",
+    "Assessor",
+    "AssessorBlockWeighting",
+    "TeacherBlockFeatures",
+    "sigma_to_bin",
+    "timestep_error",
+    "pattern_entropy",
+    "coherence",
+    "info_nce",
+    "kmeans",
+    "make_views",
+    "assessor_loss",
+    "adaptive_sampler_from_profile",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PROFILE_NAME = "profile.json"
+PROFILE_IMAGE_NAME = "profile.png"
+
+
+# ----------------------------------------------------------------------------------------------- formulas
+
+
+def sigma_to_bin(sigma: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Bin index of ``sigma`` among ``num_bins`` equal bins over [0, 1]: ``min(floor(sigma * num_bins), num_bins - 1)``.
+
+    The same binning as ``AdaptiveSigmaSampler`` (sigma = 1 falls in the last bin).
+    """
+    return (sigma.detach().to(torch.float64) * num_bins).floor().long().clamp(0, num_bins - 1)
+
+
+def timestep_error(timestep_logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``clip(CE(logits, bin) / ln(num_bins), 0, 1)``: 0 = certain and right, 1 = uniform or worse."""
+    num_bins = timestep_logits.shape[-1]
+    ce = F.cross_entropy(timestep_logits.float(), bins.to(timestep_logits.device), reduction="none")
+    return (ce / math.log(num_bins)).clamp(0, 1)
+
+
+def pattern_entropy(pattern_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``H(softmax(logits)) / ln(num_patterns)`` in [0, 1]: 0 = one pattern, 1 = all equally likely."""
+    log_p = F.log_softmax(pattern_logits.float(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return (entropy / math.log(pattern_logits.shape[-1])).clamp(0, 1)
+
+
+def coherence(z_student: torch.Tensor, z_teacher: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``(1 + cos(z_student, z_teacher)) / 2`` in [0, 1]."""
+    return ((1 + F.cosine_similarity(z_student.float(), z_teacher.float(), dim=-1)) / 2).clamp(0, 1)
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP loss, Radford et al. 2021): ``(CE(z1 z2^T / T, I) + CE(z2 z1^T / T, I)) / 2``.
+
+    Row i of ``z1`` and row i of ``z2`` are two views of one sample; the other rows are its negatives.
+    """
+    logits = z1 @ z2.T / temperature
+    target = torch.arange(len(z1), device=z1.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007), seeded; returns (k, D) centroids.
+
+    An empty cluster keeps its previous centroid. ``x`` is (N, D) with N >= k.
+    """
+    if x.dim() != 2 or len(x) < k:
+        raise ValueError(f"kmeans needs (N, D) points with N >= k={k}; got shape {tuple(x.shape)}. Use more samples.")
+    x = x.detach().to(torch.float64).cpu()
+    first = torch.randint(len(x), (1,), generator=generator)
+    centroids = [x[first[0]]]
+    d2 = ((x - centroids[0]) ** 2).sum(-1)
+    for _ in range(1, k):
+        if d2.sum() <= 0:  # fewer distinct points than k: fall back to uniform picks
+            i = torch.randint(len(x), (1,), generator=generator)[0]
+        else:
+            i = torch.multinomial(d2 / d2.sum(), 1, generator=generator)[0]
+        centroids.append(x[i])
+        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(-1))
+    c = torch.stack(centroids)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(-1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        new_c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+        if torch.equal(new_c, c):
+            break
+        c = new_c
+    return c.float()
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class AssessorConfig:
+    """Shape of an assessor; written to ``config.json``."""
+
+    block_channels: list[int]  # C_b of the pooled features of each block, from one dummy forward
+    block_names: list[str] = field(default_factory=list)  # names of the blocks, for logs and the profile
+    embed_dim: int = 64  # small: coherence needs a direction, not a reconstruction
+    hidden_dim: int = 256  # keeps the assessor about 0.3% of the SD1.5 UNet at SD1.5 channel counts
+    num_bins: int = 100  # equal sigma bins over [0, 1], the adaptive sampler's bins (DESIGN.md section 4)
+    num_patterns: int = 10  # DESIGN.md section 6
+    pattern_source: str = "kmeans"  # "kmeans" (clusters of teacher features) or "data" (class labels in the data)
+
+    def __post_init__(self) -> None:
+        self.block_channels = [int(c) for c in self.block_channels]
+        self.block_names = list(self.block_names) or [f"block{i}" for i in range(len(self.block_channels))]
+        if not self.block_channels or any(c < 1 for c in self.block_channels):
+            raise ValueError(f"block_channels must be positive channel counts, got {self.block_channels}.")
+        if len(self.block_names) != len(self.block_channels):
+            raise ValueError(
+                f"{len(self.block_names)} block_names for {len(self.block_channels)} block_channels; give one each."
+            )
+        for name in ("embed_dim", "hidden_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_bins < 2 or self.num_patterns < 2:
+            raise ValueError(
+                f"num_bins and num_patterns must be >= 2 (their entropies are normalised by ln of them), "
+                f"got {self.num_bins} and {self.num_patterns}."
+            )
+        if self.pattern_source not in ("kmeans", "data"):
+            raise ValueError(f"pattern_source must be 'kmeans' or 'data', got {self.pattern_source!r}.")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AssessorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"_class_name", "_flow_lune_version"})
+        if unknown:
+            raise ValueError(f"Unknown assessor config keys {unknown}; this config was not written by AssessorConfig.")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class CompanionOutput:
+    """What one companion says about a batch of pooled features."""
+
+    embedding: torch.Tensor  # (B, embed_dim), unit norm
+    timestep_logits: torch.Tensor  # (B, num_bins)
+    pattern_logits: torch.Tensor  # (B, num_patterns)
+
+
+class BlockCompanion(nn.Module):
+    """The companion of one block: standardise, then an embedding branch and a two-headed trunk."""
+
+    def __init__(self, channels: int, hidden_dim: int, embed_dim: int, num_bins: int, num_patterns: int):
+        super().__init__()
+        # Teacher statistics (set before training): standardising keeps each block's scale, unlike LayerNorm,
+        # and the scale of a pooled feature carries the noise level.
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
+        self.register_buffer("centroids", torch.zeros(num_patterns, channels))  # k-means, standardised space
+        self.embed = nn.Sequential(nn.Linear(channels, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, embed_dim))
+        self.trunk = nn.Sequential(nn.Linear(channels, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
+        self.timestep_head = nn.Linear(hidden_dim, num_bins)
+        self.pattern_head = nn.Linear(hidden_dim, num_patterns)
+
+    def standardise(self, pooled: torch.Tensor) -> torch.Tensor:
+        return (pooled.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
+
+    def embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed(self.standardise(pooled)), dim=-1)
+
+    def forward(self, pooled: torch.Tensor) -> CompanionOutput:
+        h = F.silu(self.trunk(self.standardise(pooled)))
+        return CompanionOutput(self.embedding(pooled), self.timestep_head(h), self.pattern_head(h))
+
+    def pattern_labels(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Nearest centroid of the standardised features: the k-means pattern of each sample."""
+        return torch.cdist(self.standardise(pooled), self.centroids).argmin(-1)
+
+
+@dataclass
+class AssessorSignals:
+    """Per-block signals, batch means, each (num_blocks,) in [0, 1]."""
+
+    e_t: torch.Tensor
+    e_p: torch.Tensor
+    coh: torch.Tensor
+
+
+class Assessor(nn.Module):
+    """One :class:`BlockCompanion` per block. ``save_pretrained``/``from_pretrained`` with strict key checks."""
+
+    def __init__(self, config: AssessorConfig):
+        super().__init__()
+        if not isinstance(config, AssessorConfig):
+            raise TypeError(f"config must be an AssessorConfig, got {type(config).__name__}.")
+        self.config = config
+        self.blocks = nn.ModuleList(
+            BlockCompanion(c, config.hidden_dim, config.embed_dim, config.num_bins, config.num_patterns)
+            for c in config.block_channels
+        )
+
+    def check_features(self, pooled: Sequence[torch.Tensor], name: str = "pooled") -> None:
+        """Raise early if ``pooled`` is not one (B, C_b) tensor per block with equal B."""
+        if len(pooled) != self.config.num_blocks:
+            raise ValueError(f"{name} has {len(pooled)} tensors; the assessor has {self.config.num_blocks} blocks.")
+        batch = None
+        for i, (f, c) in enumerate(zip(pooled, self.config.block_channels)):
+            if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[1] != c:
+                shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                raise ValueError(
+                    f"{name}[{i}] ({self.config.block_names[i]}) must be (B, {c}) pooled features, got {shape}; "
+                    "pool over H, W first (block_features.pool_block_output)."
+                )
+            if batch is not None and f.shape[0] != batch:
+                raise ValueError(f"{name} tensors have different batch sizes ({batch} and {f.shape[0]}).")
+            batch = f.shape[0]
+
+    def _to(self, f: torch.Tensor) -> torch.Tensor:
+        return f.to(device=self.blocks[0].feature_mean.device, dtype=torch.float32)
+
+    def forward(self, pooled: Sequence[torch.Tensor]) -> list[CompanionOutput]:
+        self.check_features(pooled)
+        return [block(self._to(f)) for block, f in zip(self.blocks, pooled)]
+
+    def embeddings(self, pooled: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.check_features(pooled)
+        return [block.embedding(self._to(f)) for block, f in zip(self.blocks, pooled)]
+
+    @torch.no_grad()
+    def pattern_labels(self, pooled: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.check_features(pooled)
+        return [block.pattern_labels(self._to(f)) for block, f in zip(self.blocks, pooled)]
+
+    @torch.no_grad()
+    def signals(
+        self, student_pooled: Sequence[torch.Tensor], teacher_pooled: Sequence[torch.Tensor], sigma: torch.Tensor
+    ) -> AssessorSignals:
+        """``e_t``, ``e_p`` from the student's features at their true sigma, ``coh`` against the teacher's."""
+        self.check_features(student_pooled, "student_pooled")
+        self.check_features(teacher_pooled, "teacher_pooled")
+        batch = student_pooled[0].shape[0]
+        if teacher_pooled[0].shape[0] != batch:
+            raise ValueError(f"student batch {batch} != teacher batch {teacher_pooled[0].shape[0]}.")
+        sigma = torch.as_tensor(sigma).flatten()
+        if sigma.numel() == 1:
+            sigma = sigma.expand(batch)
+        if sigma.numel() != batch:
+            raise ValueError(f"sigma has {sigma.numel()} values for a batch of {batch}; pass one per sample.")
+        bins = sigma_to_bin(sigma, self.config.num_bins)
+        e_t, e_p, coh = [], [], []
+        for block, fs, ft in zip(self.blocks, student_pooled, teacher_pooled):
+            out = block(self._to(fs))
+            e_t.append(timestep_error(out.timestep_logits, bins).mean())
+            e_p.append(pattern_entropy(out.pattern_logits).mean())
+            coh.append(coherence(out.embedding, block.embedding(self._to(ft))).mean())
+        return AssessorSignals(torch.stack(e_t), torch.stack(e_p), torch.stack(coh))
+
+    # ------------------------------------------------------------------------------------------- I/O
+
+    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` atomically; refuses to replace them unless ``overwrite``."""
+        folder = Path(folder)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if (folder / name).exists() and not overwrite:
+                raise ValueError(f"{folder / name} exists; choose a new folder (nothing on disk is overwritten).")
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        cfg = {"_class_name": "Assessor", **self.config.to_dict()}
+        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str | None = None) -> Assessor:
+        """Load strictly: every key of the file must be a key of the model and the reverse, with equal shapes."""
+        folder = Path(folder)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / name).is_file():
+                raise ValueError(
+                    f"{folder} is not an assessor folder: {name} is missing (train one with train_assessor.py)."
+                )
+        config = AssessorConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        model = cls(config)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME} does not match its config: missing keys {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+                f"{' ...' if len(unexpected) > 10 else ''}."
+            )
+        bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"Shape mismatch in {folder / WEIGHTS_NAME} (key, file, model): {bad[:10]}.")
+        model.load_state_dict(state, strict=True)
+        return model.to(device) if device is not None else model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then ``os.replace`` it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class AssessorTrainingConfig:
+    """Loss settings of the assessor."""
+
+    temperature: float = 0.1  # InfoNCE temperature, CLIP/SimCLR range
+    view_sigma_jitter: float = 0.05  # the second view's sigma is sigma + jitter * N(0, 1): "nearby"
+    view_noise_mix: float = 0.5  # eps2 = sqrt(1 - m^2) eps1 + m xi: partly fresh noise, same x0
+    timestep_weight: float = 1.0
+    pattern_weight: float = 1.0
+    contrastive_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.view_sigma_jitter < 0 or not 0 <= self.view_noise_mix <= 1:
+            raise ValueError(
+                f"need view_sigma_jitter >= 0 and view_noise_mix in [0, 1], got {self.view_sigma_jitter}, "
+                f"{self.view_noise_mix}."
+            )
+
+
+@dataclass
+class AssessorLoss:
+    """One training step's losses (scalars) and the timestep accuracy over both views."""
+
+    total: torch.Tensor
+    timestep: torch.Tensor
+    pattern: torch.Tensor
+    contrastive: torch.Tensor
+    timestep_accuracy: torch.Tensor
+
+
+@dataclass
+class Views:
+    """Two flow states of the same x0 (DESIGN.md section 1: ``x_sigma = (1 - sigma) x0 + sigma eps``)."""
+
+    x_sigma1: torch.Tensor
+    sigma1: torch.Tensor
+    x_sigma2: torch.Tensor
+    sigma2: torch.Tensor
+
+
+def make_views(
+    x0: torch.Tensor, sigma: torch.Tensor, cfg: AssessorTrainingConfig, generator: torch.Generator | None = None
+) -> Views:
+    """The contrastive pair: ``(x0, eps1, sigma)`` and ``(x0, sqrt(1-m^2) eps1 + m xi, clip(sigma + j n))``."""
+    from flow_lune.schedulers.flow import flow_state
+    from flow_lune.schedulers.sigma_sampling import SIGMA_MIN
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cpu").to(device=x0.device, dtype=x0.dtype)
+
+    eps1 = randn(*x0.shape)
+    eps2 = math.sqrt(1 - cfg.view_noise_mix**2) * eps1 + cfg.view_noise_mix * randn(*x0.shape)
+    sigma = sigma.to(device=x0.device, dtype=torch.float32)
+    sigma2 = (sigma + cfg.view_sigma_jitter * randn(len(sigma)).float()).clamp(SIGMA_MIN, 1.0)
+    return Views(flow_state(x0, eps1, sigma), sigma, flow_state(x0, eps2, sigma2), sigma2)
+
+
+def assessor_loss(
+    assessor: Assessor,
+    pooled1: Sequence[torch.Tensor],
+    pooled2: Sequence[torch.Tensor],
+    sigma1: torch.Tensor,
+    sigma2: torch.Tensor,
+    cfg: AssessorTrainingConfig,
+    pattern_labels: torch.Tensor | None = None,
+) -> AssessorLoss:
+    """Mean over blocks of ``w_t CE_t + w_p CE_p + w_c InfoNCE``, on the teacher features of two views.
+
+    Timestep targets are the sigma bins; pattern targets are the nearest k-means centroid of each view's
+    features, or ``pattern_labels`` (B,) from the data when the config says ``pattern_source="data"``.
+    """
+    num_bins = assessor.config.num_bins
+    if len(pooled1[0]) < 2:
+        raise ValueError("The contrastive loss needs a batch of at least 2 samples; raise --train_batch_size.")
+    bins = torch.cat([sigma_to_bin(sigma1, num_bins), sigma_to_bin(sigma2, num_bins)])
+    feats = [torch.cat([a, b]) for a, b in zip(pooled1, pooled2)]
+    outs = assessor(feats)
+    if pattern_labels is not None:
+        labels = [pattern_labels.repeat(2)] * assessor.config.num_blocks
+    elif assessor.config.pattern_source == "data":
+        raise ValueError("pattern_source is 'data' but the batch carries no pattern labels.")
+    else:
+        labels = assessor.pattern_labels(feats)
+    device = outs[0].timestep_logits.device
+    bins = bins.to(device)
+    t_loss = torch.stack([F.cross_entropy(o.timestep_logits, bins) for o in outs]).mean()
+    p_loss = torch.stack([F.cross_entropy(o.pattern_logits, y.to(device)) for o, y in zip(outs, labels)]).mean()
+    b = len(pooled1[0])
+    c_loss = torch.stack([info_nce(o.embedding[:b], o.embedding[b:], cfg.temperature) for o in outs]).mean()
+    total = cfg.timestep_weight * t_loss + cfg.pattern_weight * p_loss + cfg.contrastive_weight * c_loss
+    acc = torch.stack([(o.timestep_logits.argmax(-1) == bins).float().mean() for o in outs]).mean()
+    return AssessorLoss(total, t_loss.detach(), p_loss.detach(), c_loss.detach(), acc.detach())
+
+
+@torch.no_grad()
+def initialise_from_features(assessor: Assessor, pooled: Sequence[torch.Tensor], seed: int) -> None:
+    """Set each companion's standardisation from teacher features (N, C_b) and, for k-means patterns, its centroids."""
+    assessor.check_features(pooled)
+    if len(pooled[0]) < max(2, assessor.config.num_patterns):
+        raise ValueError(
+            f"Need at least {max(2, assessor.config.num_patterns)} samples to set statistics and clusters, "
+            f"got {len(pooled[0])}; raise --cluster_samples."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    for block, f in zip(assessor.blocks, pooled):
+        f = f.detach().float().to(block.feature_mean.device)
+        block.feature_mean.copy_(f.mean(0))
+        block.feature_std.copy_(f.std(0).clamp_min(1e-6))  # a constant channel must not divide by 0
+        if assessor.config.pattern_source == "kmeans":
+            c = kmeans(block.standardise(f), assessor.config.num_patterns, generator)
+            block.centroids.copy_(c.to(block.centroids.device))
+
+
+class TeacherBlockFeatures:
+    """Pooled block features of the eps teacher at flow states, from the trainer's own teacher call.
+
+    The forward is ``objective.teacher_velocity`` (``x_t = x_sigma / n(sigma)``, ``t = t(sigma)``, DESIGN.md
+    section 2) under the trainer's ``BlockFeatureHooks``, so the assessor sees the features the trainer gives it.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler_config: dict):
+        from flow_lune.schedulers.teacher_bridge import TeacherSchedule
+
+        self.unet = unet
+        self.schedule = TeacherSchedule.from_scheduler_config(scheduler_config)
+
+    @torch.no_grad()
+    def __call__(self, x_sigma: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
+        from .block_features import BlockFeatureHooks
+        from .objective import teacher_velocity
+
+        with BlockFeatureHooks(self.unet, pooled=True) as hooks:
+            teacher_velocity(self.unet, x_sigma, sigma, prompt_embeds, self.schedule)
+            return [f.float() for f in hooks.features]
+
+
+# ----------------------------------------------------------------------------------------------- trainer side
+
+
+class AssessorBlockWeighting:
+    """The trainer's ``BlockWeighting`` backed by an assessor: ``lambda_b`` from ``fuse_block_weights``."""
+
+    def __init__(self, assessor: Assessor, base_weights: Sequence[float], fusion: FusionConfig | None = None):
+        from .weighting import check_base_weights
+
+        base = check_base_weights(base_weights)
+        if len(base) != assessor.config.num_blocks:
+            raise ValueError(
+                f"base_weights has {base.numel()} values; the assessor has {assessor.config.num_blocks} blocks."
+            )
+        self.assessor = assessor.eval().requires_grad_(False)
+        self.fusion = fusion if fusion is not None else FusionConfig()
+        if not isinstance(self.fusion, FusionConfig):
+            raise TypeError(f"fusion must be a FusionConfig, got {type(self.fusion).__name__}.")
+        self.base_weights = base.to(assessor.blocks[0].feature_mean.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        base_weights: Sequence[float],
+        fusion: FusionConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> AssessorBlockWeighting:
+        return cls(Assessor.from_pretrained(path, device=device), base_weights, fusion)
+
+    @torch.no_grad()
+    def __call__(
+        self, student_pooled: Sequence[torch.Tensor], teacher_pooled: Sequence[torch.Tensor], sigma: torch.Tensor
+    ):
+        from .weighting import BlockWeights
+
+        s = self.assessor.signals(student_pooled, teacher_pooled, sigma)
+        lam = fuse_block_weights(self.base_weights, s.e_t, s.e_p, s.coh, self.fusion)
+        device = sigma.device if isinstance(sigma, torch.Tensor) else lam.device  # as ConstantBlockWeighting
+        return BlockWeights(lam=lam.to(device), e_t=s.e_t.to(device), e_p=s.e_p.to(device), coh=s.coh.to(device))
+
+
+def adaptive_sampler_from_profile(
+    profile_path: str | os.PathLike,
+    base=None,
+    reliability_threshold: float = 0.15,
+    base_jitter: float = 1.0,
+    adaptive_jitter: float = 0.0,
+):
+    """``AdaptiveSigmaSampler`` from an assessor's ``profile.json`` (see ``training/profile.py``)."""
+    from .profile import adaptive_sampler_from_profile as build
+
+    return build(profile_path, base, reliability_threshold, base_jitter, adaptive_jitter)
