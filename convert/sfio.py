@@ -131,13 +131,24 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
 
 class SafetensorsReader:
-    """The tensors of one safetensors file, read one at a time through ``safe_open``."""
+    """The tensors of one safetensors file, read one at a time through ``safe_open``.
+
+    ``safe_open`` maps the file; tensors it returns are views of the mapping, and the pages a
+    conversion touches stay resident while the mapping lives. The handle is therefore reopened
+    after every ``REMAP_BYTES`` served, so that the resident share of the source stays bounded.
+    """
+
+    REMAP_BYTES = 64 * 1024 * 1024  # resident source pages at most about this much (plus one tensor)
 
     def __init__(self, path: str | os.PathLike):
         self.header = read_header(path)
         self.path = self.header.path
+        self._served = 0
+        self._handle = self._open()
+
+    def _open(self):
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            return safe_open(str(self.path), framework="pt", device="cpu")
         except Exception as err:  # safetensors raises its own SafetensorError
             raise ConversionError(f"{self.path} is not a valid safetensors file: {err}") from err
 
@@ -150,6 +161,10 @@ class SafetensorsReader:
         return self.header.metadata
 
     def get(self, key: str) -> torch.Tensor:
+        info = self.header.tensors[key]
+        if self._served > self.REMAP_BYTES:
+            self._handle, self._served = self._open(), 0
+        self._served += info.end - info.start
         return self._handle.get_tensor(key)
 
 

@@ -12,7 +12,7 @@ import torch
 from .accounting import Planned, plan_component, read_position
 from .configs import builtin_config, folder_config
 from .errors import ConversionError
-from .hashing import BackgroundHasher, combined_sha256, relative_names
+from .hashing import SourceHasher, combined_sha256, relative_names
 from .keymaps import LDM_PREFIXES, TEXT_PREFIX
 from .metadata import hash_values, single_file_metadata
 from .sfio import OutTensor, verify_written, write_safetensors
@@ -166,10 +166,8 @@ def convert_to_single_file(
         for p in plan_component(comp, comp_config, origin, target="ldm"):
             planned.append((LDM_PREFIXES[name] + p.key, p))
     out_dtype = DTYPES.get(dtype) if dtype else None
-    entries = [
-        OutTensor(key, _out_dtype(p.ref, out_dtype), p.shape, p.ref.get)
-        for key, p in sorted(planned, key=lambda kp: read_position(kp[1]))
-    ]
+    planned.sort(key=lambda kp: read_position(kp[1]))
+    entries = [OutTensor(key, _out_dtype(p.ref, out_dtype), p.shape, p.ref.get) for key, p in planned]
     if "text_encoder" in components:
         n_pos = int(configs["text_encoder"].get("max_position_embeddings", 77))
         entries.append(
@@ -202,15 +200,22 @@ def convert_to_single_file(
     if dst.suffix == ".ckpt":
         atomic_file(dst, lambda tmp: _write_ckpt(tmp, entries, metadata))
     else:
-        hasher = BackgroundHasher(files, file_names) if source_hash else None
+        hasher = SourceHasher(files, file_names) if source_hash else None
+        if hasher is not None:
+            for entry, (_, p) in zip(entries, planned):
+                entry.fetch = hasher.wrap(p.ref.reader, p.ref.key, entry.fetch)
 
         def patch() -> dict[str, str]:
             per_file = hasher.result()
             return hash_values(per_file, combined_sha256(per_file))
 
         def write(tmp: Path) -> None:
-            with _progress_bar(total, progress, dst.name) as bar:
-                write_safetensors(tmp, entries, metadata, progress=bar.update, patch=patch if hasher else None)
+            try:
+                with _progress_bar(total, progress, dst.name) as bar:
+                    write_safetensors(tmp, entries, metadata, progress=bar.update, patch=patch if hasher else None)
+            finally:
+                if hasher is not None:
+                    hasher.close()
             verify_written(tmp, entries, metadata)
 
         atomic_file(dst, write)

@@ -28,3 +28,17 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     from flow_lune.tiny import save_tiny_sd_pipeline
 
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd15") / "pipe", seed=0)
+
+
+def pytest_configure(config):
+    """``slow``: full-size conversions and the like, run only with FLOW_LUNE_SLOW=1."""
+    config.addinivalue_line("markers", "slow: long tests, skipped unless FLOW_LUNE_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FLOW_LUNE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; set FLOW_LUNE_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
