@@ -53,8 +53,10 @@ __all__ = [
     "pattern_entropy",
     "coherence",
     "info_nce",
+    "soft_bin_targets",
     "kmeans",
     "make_views",
+    "initialise_from_features",
     "assessor_loss",
     "adaptive_sampler_from_profile",
 ]
@@ -93,6 +95,19 @@ def pattern_entropy(pattern_logits: torch.Tensor) -> torch.Tensor:
 def coherence(z_student: torch.Tensor, z_teacher: torch.Tensor) -> torch.Tensor:
     """Per-sample ``(1 + cos(z_student, z_teacher)) / 2`` in [0, 1]."""
     return ((1 + F.cosine_similarity(z_student.float(), z_teacher.float(), dim=-1)) / 2).clamp(0, 1)
+
+
+def soft_bin_targets(bins: torch.Tensor, num_bins: int, width: float) -> torch.Tensor:
+    """(B, num_bins) targets ``q_k ∝ exp(-(k - bin)^2 / (2 width^2))``; one-hot for ``width = 0``.
+
+    Neighbouring sigma bins hold nearly the same features; soft targets keep the head calibrated across
+    them, so a prediction one bin off costs little instead of saturating ``e_t``.
+    """
+    if width == 0:
+        return F.one_hot(bins, num_bins).float()
+    k = torch.arange(num_bins, device=bins.device, dtype=torch.float32)
+    logq = -((k[None, :] - bins[:, None].float()) ** 2) / (2 * width**2)
+    return logq.softmax(-1)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -372,6 +387,7 @@ class AssessorTrainingConfig:
     temperature: float = 0.1  # InfoNCE temperature, CLIP/SimCLR range
     view_sigma_jitter: float = 0.05  # the second view's sigma is sigma + jitter * N(0, 1): "nearby"
     view_noise_mix: float = 0.5  # eps2 = sqrt(1 - m^2) eps1 + m xi: partly fresh noise, same x0
+    timestep_label_width: float = 2.0  # Gaussian soft targets over neighbouring bins (std, in bins); 0 = one-hot
     timestep_weight: float = 1.0
     pattern_weight: float = 1.0
     contrastive_weight: float = 1.0
@@ -379,6 +395,8 @@ class AssessorTrainingConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.timestep_label_width < 0:
+            raise ValueError(f"timestep_label_width must be >= 0 bins, got {self.timestep_label_width}.")
         if self.view_sigma_jitter < 0 or not 0 <= self.view_noise_mix <= 1:
             raise ValueError(
                 f"need view_sigma_jitter >= 0 and view_noise_mix in [0, 1], got {self.view_sigma_jitter}, "
@@ -435,8 +453,9 @@ def assessor_loss(
 ) -> AssessorLoss:
     """Mean over blocks of ``w_t CE_t + w_p CE_p + w_c InfoNCE``, on the teacher features of two views.
 
-    Timestep targets are the sigma bins; pattern targets are the nearest k-means centroid of each view's
-    features, or ``pattern_labels`` (B,) from the data when the config says ``pattern_source="data"``.
+    Timestep targets are the sigma bins, softened over neighbours (``soft_bin_targets``); pattern targets are
+    the nearest k-means centroid of each view's features, or ``pattern_labels`` (B,) from the data when the
+    config says ``pattern_source="data"``.
     """
     num_bins = assessor.config.num_bins
     if len(pooled1[0]) < 2:
@@ -452,7 +471,8 @@ def assessor_loss(
         labels = assessor.pattern_labels(feats)
     device = outs[0].timestep_logits.device
     bins = bins.to(device)
-    t_loss = torch.stack([F.cross_entropy(o.timestep_logits, bins) for o in outs]).mean()
+    targets = soft_bin_targets(bins, num_bins, cfg.timestep_label_width)
+    t_loss = torch.stack([F.cross_entropy(o.timestep_logits, targets) for o in outs]).mean()
     p_loss = torch.stack([F.cross_entropy(o.pattern_logits, y.to(device)) for o, y in zip(outs, labels)]).mean()
     b = len(pooled1[0])
     c_loss = torch.stack([info_nce(o.embedding[:b], o.embedding[b:], cfg.temperature) for o in outs]).mean()
