@@ -282,7 +282,10 @@ class FlowLunePipeline(
         if clip_skip is None:
             return self.text_encoder(input_ids.to(device))[0]
         hidden_states = self.text_encoder(input_ids.to(device), output_hidden_states=True).hidden_states
-        return self.text_encoder.text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])
+        # The last layer's states pass through the final layer norm; so must the earlier layer's.
+        # transformers 5 flattens CLIPTextModel (no .text_model); 4.x nests it.
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_layer_norm(hidden_states[-(clip_skip + 1)])
 
     def check_inputs(
         self,
