@@ -369,8 +369,11 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the files from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -450,19 +453,21 @@ def assessor_loss(
     sigma2: torch.Tensor,
     cfg: AssessorTrainingConfig,
     pattern_labels: torch.Tensor | None = None,
+    model: nn.Module | None = None,
 ) -> AssessorLoss:
     """Mean over blocks of ``w_t CE_t + w_p CE_p + w_c InfoNCE``, on the teacher features of two views.
 
     Timestep targets are the sigma bins, softened over neighbours (``soft_bin_targets``); pattern targets are
     the nearest k-means centroid of each view's features, or ``pattern_labels`` (B,) from the data when the
-    config says ``pattern_source="data"``.
+    config says ``pattern_source="data"``. ``model`` is the module whose forward runs (the accelerate-wrapped
+    assessor under DDP); ``assessor`` its unwrapped self.
     """
     num_bins = assessor.config.num_bins
     if len(pooled1[0]) < 2:
         raise ValueError("The contrastive loss needs a batch of at least 2 samples; raise --train_batch_size.")
     bins = torch.cat([sigma_to_bin(sigma1, num_bins), sigma_to_bin(sigma2, num_bins)])
     feats = [torch.cat([a, b]) for a, b in zip(pooled1, pooled2)]
-    outs = assessor(feats)
+    outs = (model if model is not None else assessor)(feats)
     if pattern_labels is not None:
         labels = [pattern_labels.repeat(2)] * assessor.config.num_blocks
     elif assessor.config.pattern_source == "data":

@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Train the Flow Lune assessor ("David") on a teacher's per-block features (DESIGN.md section 6).
+
+    accelerate launch train_assessor.py --pretrained_teacher_model PATH --output_dir assessor
+
+The assessor sees the teacher's pooled block features at flow states built exactly as the trainer builds
+them (same data sources, same sigma sampling, same teacher query) and learns, per block: the sigma bin
+(timestep head, 100 bins), the feature pattern (k-means clusters of the teacher's features, fixed before
+training), and an embedding in which two views of one sample (nearby sigma, partly fresh noise) agree and
+other samples disagree (InfoNCE). It writes ``config.json``, ``model.safetensors``, ``profile.json`` and
+``profile.png`` into ``--output_dir``; pass that folder to ``train_flow_distill.py --assessor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train the Flow Lune assessor on a teacher's block features.")
+
+    # ----------Model----------
+    parser.add_argument(
+        "--pretrained_teacher_model",
+        type=str,
+        default=None,
+        help="The epsilon SD1.5 teacher (diffusers folder, Hub id or single file); the same as the trainer's. "
+        "Default: the embedded tiny SD1.5 teacher (offline, for trying things out).",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the teacher on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the teacher's weights, e.g. fp16.")
+
+    # ----------Data (the trainer's sources; see training/data.py)----------
+    parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Local imagefolder with captions.")
+    parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    parser.add_argument("--caption_column", type=str, default="text", help="Caption column of --dataset_name.")
+    parser.add_argument("--resolution", type=int, default=512, help="Image resolution (SD1.5: 512).")
+    parser.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset holding latents and prompts.")
+    parser.add_argument("--latents_column", type=str, default="latents", help="Latents column of --latents_dataset.")
+    parser.add_argument("--prompt_column", type=str, default="prompt", help="Prompt column of --latents_dataset.")
+    parser.add_argument("--prompts_file", type=str, default=None, help="One prompt per line: teacher latents.")
+    parser.add_argument("--num_generated", type=int, default=64, help="Latents the teacher generates.")
+    parser.add_argument("--generation_steps", type=int, default=25, help="Teacher steps per generated latent.")
+    parser.add_argument("--generation_guidance", type=float, default=7.5, help="CFG scale of generation.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N rows.")
+    parser.add_argument("--cache_dir", type=str, default="~/.cache/flow_lune", help="Latent/embedding caches.")
+    parser.add_argument("--uncond_prob", type=float, default=0.1, help="Prompt dropout to '' (as the trainer).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers.")
+
+    # ----------Sigma sampling (the trainer's density; see schedulers/sigma_sampling.py)----------
+    parser.add_argument(
+        "--sigma_density",
+        type=str,
+        default="uniform",
+        choices=["uniform", "logit_normal", "mode", "cosmap"],
+        help="Density of u before the shift; use the trainer's.",
+    )
+    parser.add_argument("--shift", type=float, default=3.0, help="Training shift; use the trainer's.")
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean.")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal std.")
+    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode density scale.")
+
+    # ----------Assessor----------
+    parser.add_argument("--embed_dim", type=int, default=64, help="Size of each block's embedding.")
+    parser.add_argument("--hidden_dim", type=int, default=256, help="Hidden width of each companion.")
+    parser.add_argument("--num_bins", type=int, default=100, help="Sigma bins of the timestep head.")
+    parser.add_argument("--num_patterns", type=int, default=10, help="Patterns (k-means clusters) per block.")
+    parser.add_argument(
+        "--cluster_samples", type=int, default=1024, help="Teacher states for feature statistics and k-means."
+    )
+    parser.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature.")
+    parser.add_argument("--view_sigma_jitter", type=float, default=0.05, help="Second view: sigma + jitter * N(0,1).")
+    parser.add_argument("--view_noise_mix", type=float, default=0.5, help="Second view: share of fresh noise.")
+    parser.add_argument("--timestep_label_width", type=float, default=2.0, help="Soft bin targets' std, in bins.")
+    parser.add_argument(
+        "--profile_samples", type=int, default=2500, help="Teacher states for the profile, spread evenly over bins."
+    )
+    parser.add_argument("--profile_batch_size", type=int, default=50, help="Teacher batch while profiling.")
+
+    # ----------Training----------
+    parser.add_argument("--output_dir", type=str, default="flow-lune-assessor", help="Where the assessor goes.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of everything (data order, sigmas, noise).")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Samples per device (>= 2: contrastive).")
+    parser.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps.")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay.")
+    parser.add_argument("--lr_scheduler", type=str, default="cosine", help="diffusers get_scheduler name.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=50, help="Warmup steps.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Teacher.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="Trackers ('all', 'none', ...).")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Under output_dir.")
+    parser.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
+
+    args = parser.parse_args(input_args)
+
+    # ----------Checks (before any work)----------
+    if args.train_batch_size < 2:
+        raise ValueError(f"--train_batch_size must be >= 2 (in-batch negatives), got {args.train_batch_size}.")
+    if args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    if args.num_patterns < 2 or args.num_bins < 2:
+        raise ValueError(f"--num_patterns and --num_bins must be >= 2, got {args.num_patterns}, {args.num_bins}.")
+    if args.cluster_samples < max(args.num_patterns, 2):
+        raise ValueError(
+            f"--cluster_samples must be >= --num_patterns ({args.num_patterns}), got {args.cluster_samples}."
+        )
+    if args.profile_batch_size < 1:
+        raise ValueError(f"--profile_batch_size must be >= 1, got {args.profile_batch_size}.")
+    if args.profile_samples < args.num_bins:
+        raise ValueError(f"--profile_samples must be >= --num_bins ({args.num_bins}), got {args.profile_samples}.")
+    if not 0 <= args.uncond_prob <= 1:
+        raise ValueError(f"--uncond_prob must lie in [0, 1], got {args.uncond_prob}.")
+    out = Path(args.output_dir)
+    taken = [n for n in ("config.json", "model.safetensors", "profile.json", "profile.png") if (out / n).exists()]
+    if taken:
+        raise ValueError(f"--output_dir {out} already holds {taken}; choose a new folder (nothing is overwritten).")
+    return args
+
+
+def teacher_states(dataset, indices, sigma, generator, uncond_prob, empty_embeds):
+    """x0 and prompt embeddings of ``indices`` with seeded prompt dropout; sigma as given."""
+    from flow_lune.training.data import collate
+
+    batch = collate([dataset[int(i)] for i in indices])
+    drop = torch.rand(len(indices), generator=generator) < uncond_prob
+    embeds = torch.where(drop[:, None, None], empty_embeds[None].to(batch["prompt_embeds"]), batch["prompt_embeds"])
+    return batch["latents"], embeds, sigma
+
+
+def main(args: argparse.Namespace) -> None:
+    from diffusers.optimization import get_scheduler
+
+    from flow_lune.schedulers.flow import flow_state
+    from flow_lune.schedulers.sigma_sampling import SigmaSampler
+    from flow_lune.training.assessor import (
+        Assessor,
+        AssessorConfig,
+        AssessorTrainingConfig,
+        TeacherBlockFeatures,
+        assessor_loss,
+        initialise_from_features,
+        make_views,
+    )
+    from flow_lune.training.block_features import BLOCK_NAMES, block_channels
+    from flow_lune.training.data import DataConfig, TeacherParts, collate, prepare_training_data
+    from flow_lune.training.models import default_teacher_dir, load_teacher
+    from flow_lune.training.profile import ProfileAccumulator, save_profile, stratified_sigmas
+
+    # 1. Accelerator, logging, seed
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # 2. Teacher (frozen, never prepared), in the mixed-precision dtype like the trainer's
+    teacher_path = args.pretrained_teacher_model
+    if teacher_path is None:
+        with accelerator.main_process_first():
+            teacher_path = str(default_teacher_dir(args.cache_dir))
+    teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    teacher.unet.to(accelerator.device, dtype=weight_dtype)
+    teacher.text_encoder.to(accelerator.device)
+    teacher.vae.to(accelerator.device)
+
+    # 3. Data: the trainer's sources and caches
+    data_cfg = DataConfig.from_args(args)
+    data_cfg.teacher_id = f"{teacher.source}@{args.revision}/{args.variant}"
+    parts = TeacherParts(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet, teacher.scheduler_config)
+    dataset = prepare_training_data(data_cfg, parts, accelerator)
+    empty_embeds = dataset.empty_prompt_embeds
+    loader_gen = torch.Generator().manual_seed(args.seed)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        generator=loader_gen,
+        collate_fn=collate,
+        drop_last=len(dataset) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    features = TeacherBlockFeatures(teacher.unet, teacher.scheduler_config)
+    sampler = SigmaSampler(args.sigma_density, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
+    train_cfg = AssessorTrainingConfig(
+        temperature=args.temperature,
+        view_sigma_jitter=args.view_sigma_jitter,
+        view_noise_mix=args.view_noise_mix,
+        timestep_label_width=args.timestep_label_width,
+    )
+
+    def teacher_features(x0, embeds, sigma, generator):
+        x0 = x0.to(accelerator.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        x_sigma = flow_state(x0, eps, sigma.to(x0.device))
+        return features(x_sigma, sigma.to(x0.device), embeds.to(accelerator.device))
+
+    # 4. The assessor, sized from the teacher's block channels
+    config = AssessorConfig(
+        block_channels=block_channels(teacher.unet),
+        block_names=list(BLOCK_NAMES),
+        embed_dim=args.embed_dim,
+        hidden_dim=args.hidden_dim,
+        num_bins=args.num_bins,
+        num_patterns=args.num_patterns,
+    )
+    assessor = Assessor(config).to(accelerator.device)
+    logger.info(f"Assessor: {assessor.num_parameters() / 1e6:.2f}M parameters over {config.num_blocks} blocks.")
+
+    # 5. Feature statistics and k-means patterns: the same seeded states on every process, so no communication
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    pooled = [[] for _ in range(config.num_blocks)]
+    idx = torch.randint(len(dataset), (args.cluster_samples,), generator=gen)
+    sig = sampler.sample(args.cluster_samples, gen)
+    for start in tqdm(
+        range(0, args.cluster_samples, args.train_batch_size),
+        desc="Clustering teacher features",
+        disable=not accelerator.is_local_main_process,
+    ):
+        part = slice(start, start + args.train_batch_size)
+        x0, embeds, s = teacher_states(dataset, idx[part], sig[part], gen, args.uncond_prob, empty_embeds)
+        for b, f in enumerate(teacher_features(x0, embeds, s, gen)):
+            pooled[b].append(f.cpu())
+    initialise_from_features(assessor, [torch.cat(p) for p in pooled], seed=args.seed)
+
+    # 6. Optimizer, scheduler, prepare
+    optimizer = torch.optim.AdamW(assessor.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(assessor, optimizer, dataloader, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("flow-lune-assessor", config={k: v for k, v in vars(args).items() if v is not None})
+
+    # 7. Train
+    step_gen = torch.Generator().manual_seed(args.seed + 1000 * (accelerator.process_index + 1))
+    progress = tqdm(range(args.max_train_steps), desc="Assessor steps", disable=not accelerator.is_local_main_process)
+    step = 0
+    while step < args.max_train_steps:
+        for batch in dataloader:
+            x0 = batch["latents"].float()
+            if len(x0) < 2:
+                continue  # a last batch of one has no negatives
+            drop = torch.rand(len(x0), generator=step_gen) < args.uncond_prob
+            embeds = torch.where(drop[:, None, None].to(x0.device), empty_embeds.to(x0), batch["prompt_embeds"])
+            sigma = sampler.sample(len(x0), step_gen).to(x0.device)
+            views = make_views(x0, sigma, train_cfg, step_gen)
+            both = features(
+                torch.cat([views.x_sigma1, views.x_sigma2]),
+                torch.cat([views.sigma1, views.sigma2]),
+                torch.cat([embeds, embeds]),
+            )
+            n = len(x0)
+            with accelerator.accumulate(model):
+                loss = assessor_loss(
+                    assessor,
+                    [f[:n] for f in both],
+                    [f[n:] for f in both],
+                    views.sigma1,
+                    views.sigma2,
+                    train_cfg,
+                    model=model,
+                )
+                accelerator.backward(loss.total)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            step += 1
+            progress.update(1)
+            logs = {
+                "loss": loss.total.item(),
+                "timestep_ce": loss.timestep.item(),
+                "pattern_ce": loss.pattern.item(),
+                "contrastive": loss.contrastive.item(),
+                "timestep_acc": loss.timestep_accuracy.item(),
+            }
+            progress.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['timestep_acc']:.2f}")
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                accelerator.log({**logs, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            if step >= args.max_train_steps:
+                break
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # 8. Profile (main process): evenly many states per sigma bin
+    if accelerator.is_main_process:
+        assessor = accelerator.unwrap_model(model).eval()
+        prof_gen = torch.Generator().manual_seed(args.seed + 2)
+        sigmas = stratified_sigmas(args.profile_samples, config.num_bins, prof_gen)
+        idx = torch.randint(len(dataset), (args.profile_samples,), generator=prof_gen)
+        acc = ProfileAccumulator(assessor)
+        for start in tqdm(range(0, args.profile_samples, args.profile_batch_size), desc="Profiling"):
+            part = slice(start, start + args.profile_batch_size)
+            x0, embeds, s = teacher_states(dataset, idx[part], sigmas[part], prof_gen, args.uncond_prob, empty_embeds)
+            acc.update(teacher_features(x0.float(), embeds, s, prof_gen), s)
+        profile = acc.result()
+
+        # 9. Save: config.json, model.safetensors, profile.json, profile.png
+        assessor.save_pretrained(output_dir)
+        save_profile(profile, output_dir)
+        mean_acc = sum(map(sum, profile.timestep_accuracy)) / (config.num_blocks * config.num_bins)
+        logger.info(f"Saved the assessor to {output_dir} (mean timestep accuracy {mean_acc:.3f}).")
+        accelerator.log({"profile_timestep_accuracy": mean_acc}, step=step)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(parse_args())
