@@ -364,3 +364,18 @@ def test_textual_inversion_token_is_used(tiny_components):
     token_id = pipe.tokenizer.convert_tokens_to_ids("<lune>")
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], embedding)
     assert not torch.allclose(latents_of(pipe, "a <lune> cat"), before)
+
+
+def test_from_single_file_of_the_converter(tiny_components, tmp_path):
+    """The converter's original-layout file loads back with a local config folder, offline, to the same output."""
+    from flow_lune.convert import convert_to_single_file
+
+    pipe = make_pipe(tiny_components)
+    ref = latents_of(pipe)
+    pipe.save_pretrained(tmp_path / "student")
+    single = tmp_path / "student.safetensors"
+    convert_to_single_file(tmp_path / "student", single, write_workflow=False, source_hash=False, progress=False)
+    loaded = FlowLunePipeline.from_single_file(str(single), config=str(tmp_path / "student"), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is FlowLuneScheduler and loaded.scheduler.config.shift == SHIFT
+    torch.testing.assert_close(latents_of(loaded), ref, atol=0, rtol=0)
