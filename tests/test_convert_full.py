@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,17 @@ def same_tensors(a_path: Path, b_path: Path, cast: torch.dtype | None = None) ->
     return len(a_keys)
 
 
+@pytest.fixture
+def big_tmp(tmp_path):
+    """``tmp_path``, emptied after the test: the files here are gigabytes and pytest keeps old tmp folders."""
+    yield tmp_path
+    for child in tmp_path.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 @pytest.mark.parametrize("dtype, components", CASES)
-def test_full_size_round_trip_and_diffusers_loader(tmp_path, dtype, components):
+def test_full_size_round_trip_and_diffusers_loader(big_tmp, dtype, components):
+    tmp_path = big_tmp
     src = write_random_pipeline(tmp_path / "src", dtype, seed=0, components=components, tokenizer_folder=TOKENIZER_DIR)
     unet_only = components == ("unet",)
     single = tmp_path / "model.safetensors"
