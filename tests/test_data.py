@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -300,6 +301,9 @@ def test_distributed_main_builds_others_load(parts, tmp_path):
     loader = torch.utils.data.DataLoader(other, batch_size=2, collate_fn=collate, num_workers=1)
     batches = list(loader)
     assert [b["latents"].shape[0] for b in batches] == [2, 1]
+    # Picklable with open shard handles (spawned workers): the copy reopens its files.
+    copy = pickle.loads(pickle.dumps(other))
+    torch.testing.assert_close(copy[2]["latents"], other[2]["latents"], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,6 +321,8 @@ def bad_inputs(tmp_path):
     save_latents_dataset(tmp_path / "badshape", n=2, shape=(3, 8, 8))
     (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "noimages").mkdir()
+    (tmp_path / "paths").mkdir()
+    datasets.Dataset.from_dict({"image": ["0.png"], "text": ["x"]}).to_parquet(str(tmp_path / "paths" / "a.parquet"))
     return {
         "no such folder": (dict(train_data_dir=str(tmp_path / "nope")), ValueError, "no such folder"),
         "no such dataset folder": (dict(dataset_name=str(tmp_path / "nope")), ValueError, "no such folder"),
@@ -326,6 +332,7 @@ def bad_inputs(tmp_path):
             ValueError,
             r"'img'.*\['image', 'caption'\]",
         ),
+        "image feature": (dict(dataset_name=str(tmp_path / "paths")), TypeError, r"'image'.*not images"),
         "caption column": (dict(train_data_dir=str(img)), ValueError, r"no column 'text'.*\['image', 'caption'\]"),
         "latents column": (
             dict(latents_dataset=str(tmp_path / "nolat")),

@@ -355,6 +355,12 @@ def resolve_source(cfg: DataConfig, latent_channels: int = 4) -> ResolvedSource:
         else:
             ds, identity = _load_dataset(name, cfg.dataset_config_name, cfg, flag)
         _check_columns(ds, {"--image_column": cfg.image_column, "--caption_column": cfg.caption_column}, what)
+        feature = ds.features[cfg.image_column]
+        if type(feature).__name__ != "Image":
+            raise TypeError(
+                f"{what}: column {cfg.image_column!r} (--image_column) holds {feature}, not images. Pass the "
+                "column whose feature is datasets.Image (imagefolder names it 'image')."
+            )
         ds = _take_first(ds, cfg, what)
         captions = ds[cfg.caption_column]
         prompts = [_choose_caption(v, row, cfg) for row, v in enumerate(captions)]
