@@ -1,0 +1,587 @@
+#!/usr/bin/env python
+"""Distil an epsilon-prediction Stable Diffusion 1.5 teacher into a rectified-flow student (Flow Lune).
+
+    accelerate launch train_flow_distill.py --output_dir flow-lune-output
+
+Without ``--pretrained_teacher_model`` a tiny SD1.5 teacher is built offline, so the command above runs in
+a few minutes on a CPU. Several CPU processes: ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2
+train_flow_distill.py ...``. The math lives in ``flow_lune.training`` (DESIGN.md sections 2 to 7); this
+script only wires it together, in the layout of diffusers' example trainers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from flow_lune.schedulers import DENSITIES, LOSS_WEIGHTINGS, SigmaSampler, TeacherSchedule
+from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
+from flow_lune.training.checkpoints import (
+    EpochShuffleSampler,
+    RandomStreams,
+    checkpoint_step,
+    list_checkpoints,
+    register_checkpoint_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
+from flow_lune.training.export import PIPELINE_DIRNAME, export_final, merge_lora, push_to_hub
+from flow_lune.training.logging_utils import (
+    MetricsWriter,
+    log_validation,
+    metrics_record,
+    plot_lambda,
+    read_metrics,
+    tracker_scalars,
+)
+from flow_lune.training.objective import ObjectiveConfig, distillation_loss
+
+logger = get_logger(__name__, log_level="INFO")
+
+DEFAULT_VALIDATION_PROMPTS = (
+    "a photograph of a lighthouse on a cliff at sunset",
+    "a watercolor painting of a red fox in a snowy forest",
+)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Flow Lune: distil an epsilon SD1.5 teacher into a flow student.")
+
+    # ----------Model Arguments----------
+    parser.add_argument(
+        "--pretrained_teacher_model",
+        type=str,
+        default=None,
+        help="Teacher: Hub id, local diffusers folder, or single file (.safetensors). Default: a tiny SD1.5 teacher "
+        "built offline under --cache_dir (for trying the trainer out).",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the teacher on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the teacher's weights, e.g. fp16.")
+    parser.add_argument(
+        "--teacher_config",
+        type=str,
+        default=None,
+        help="For a single-file teacher: a local diffusers folder with the configs and tokenizer to convert with.",
+    )
+    parser.add_argument(
+        "--student_model",
+        type=str,
+        default=None,
+        help="Start the student from this UNet (diffusers UNet or pipeline folder, or a checkpoint-N folder) "
+        "instead of a copy of the teacher's UNet.",
+    )
+    # ----------Data Arguments----------
+    parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl.")
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--caption_column", type=str, default="text")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Image size; default the teacher's (sample_size * 8)."
+    )
+    parser.add_argument("--center_crop", action="store_true", help="Centre crop (default: seeded random crop).")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset with latents and prompts.")
+    parser.add_argument("--latents_column", type=str, default="latents")
+    parser.add_argument("--prompt_column", type=str, default="prompt")
+    parser.add_argument(
+        "--prompts_file", type=str, default=None, help="One prompt per line; the teacher generates the latents."
+    )
+    parser.add_argument("--num_generated", type=int, default=64, help="Latents the teacher generates.")
+    parser.add_argument("--generation_steps", type=int, default=25, help="Teacher sampling steps for generation.")
+    parser.add_argument("--generation_guidance", type=float, default=7.5, help="CFG scale for generation.")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument(
+        "--cache_dir", type=str, default="~/.cache/flow_lune", help="Latent/embedding caches and the tiny teacher."
+    )
+    parser.add_argument(
+        "--uncond_prob",
+        type=float,
+        default=0.1,
+        help="Probability of replacing a prompt by '' (the student learns the unconditional velocity for CFG).",
+    )
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="0: cached rows load in-process.")
+    # ----------Objective Arguments----------
+    parser.add_argument(
+        "--weighting_scheme", type=str, default="uniform", choices=DENSITIES, help="Density of training sigmas."
+    )
+    parser.add_argument("--logit_mean", type=float, default=0.0)
+    parser.add_argument("--logit_std", type=float, default=1.0)
+    parser.add_argument("--mode_scale", type=float, default=1.29)
+    parser.add_argument("--shift", type=float, default=3.0, help="Time shift of training and sampling sigmas.")
+    parser.add_argument("--loss_weighting", type=str, default="none", choices=LOSS_WEIGHTINGS)
+    parser.add_argument("--kd_weight", type=float, default=0.25, help="Weight of sum_b w_b KD_b.")
+    parser.add_argument("--block_penalty_weight", type=float, default=0.05, help="Weight of sum_b lambda_b KD_b.")
+    parser.add_argument(
+        "--base_block_weights", type=float, nargs=9, default=list(BASE_BLOCK_WEIGHTS), help="w_b of the 9 blocks."
+    )
+    # ----------Assessor Arguments----------
+    parser.add_argument("--assessor", type=str, default="none", help="'none' (lambda_b = w_b) or an assessor folder.")
+    parser.add_argument("--fusion_alpha", type=float, default=0.5)
+    parser.add_argument("--fusion_beta", type=float, default=0.25)
+    parser.add_argument("--fusion_delta", type=float, default=0.25)
+    parser.add_argument("--lambda_min", type=float, default=0.5)
+    parser.add_argument("--lambda_max", type=float, default=3.0)
+    parser.add_argument(
+        "--timestep_sampling",
+        type=str,
+        default="density",
+        choices=("density", "adaptive"),
+        help="adaptive: sigma bins weighted by the assessor's profile (needs --assessor PATH).",
+    )
+    parser.add_argument("--reliability_threshold", type=float, default=0.15)
+    parser.add_argument("--base_jitter", type=float, default=1.0)
+    parser.add_argument("--adaptive_jitter", type=float, default=0.0)
+    # ----------Training Arguments----------
+    parser.add_argument("--output_dir", type=str, default="flow-lune-output")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds data order, sigmas, noise, dropout, caches.")
+    parser.add_argument("--train_batch_size", type=int, default=4, help="Per process.")
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=1e-5, help="Full fine-tuning of SD1.5's UNet.")
+    parser.add_argument("--scale_lr", action="store_true", help="Multiply lr by accumulation * batch * processes.")
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"',
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="0: the student starts from trained weights.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student (diffusers EMAModel).")
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--lora_rank", type=int, default=None, help="Train a peft LoRA of this rank instead.")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; default the rank.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument(
+        "--max_nonfinite_steps", type=int, default=10, help="Stop after this many non-finite losses in a row."
+    )
+    # ----------Logging, Checkpoints, Validation----------
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all", "none".')
+    parser.add_argument("--logging_steps", type=int, default=1, help="One metrics.jsonl record every N steps.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
+    parser.add_argument(
+        "--validation_steps", type=int, default=500, help="Teacher/student grid every N steps and at the end."
+    )
+    parser.add_argument("--validation_prompts", type=str, nargs="+", default=list(DEFAULT_VALIDATION_PROMPTS))
+    parser.add_argument("--num_validation_inference_steps", type=int, default=20)
+    parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    parser.add_argument("--no_single_file", action="store_true", help="Skip the single-file + workflow export.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the output once, at the end.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Repository id; the token comes from HF_TOKEN.")
+
+    args = parser.parse_args(input_args)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One clear ValueError for contradictory or out-of-range flags, before any work."""
+    from flow_lune.training.data import DataConfig
+    from flow_lune.training.fusion import FusionConfig
+
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps")
+    for name in (*positive, "logging_steps", "num_train_epochs", "max_nonfinite_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    if not 0.0 <= args.uncond_prob <= 1.0:
+        raise ValueError(f"--uncond_prob must be in [0, 1], got {args.uncond_prob}.")
+    for name in ("kd_weight", "block_penalty_weight", "max_grad_norm", "lr_warmup_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)  # checks
+    FusionConfig(args.fusion_alpha, args.fusion_beta, args.fusion_delta, args.lambda_min, args.lambda_max)
+    if args.timestep_sampling == "adaptive" and args.assessor == "none":
+        raise ValueError("--timestep_sampling adaptive needs --assessor PATH (it reads PATH/profile.json).")
+    if args.assessor != "none" and not Path(args.assessor).is_dir():
+        raise ValueError(f"--assessor {args.assessor!r} is not a folder; pass 'none' or an assessor folder.")
+    if args.lora_rank is not None:
+        if args.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be >= 1, got {args.lora_rank}.")
+        if args.use_ema:
+            raise ValueError("--use_ema with --lora_rank is not supported: drop one of them.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ValueError(
+                "--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag."
+            ) from err
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (the token comes from the HF_TOKEN environment variable).")
+    if args.hub_model_id and not args.push_to_hub:
+        raise ValueError("--hub_model_id is given without --push_to_hub; add --push_to_hub or drop the id.")
+    if not args.validation_prompts:
+        raise ValueError("--validation_prompts needs at least one prompt.")
+    if args.pretrained_teacher_model is None and (args.revision or args.variant):
+        raise ValueError("--revision/--variant need --pretrained_teacher_model.")
+    data_args = argparse.Namespace(**vars(args))
+    data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
+    DataConfig.from_args(data_args).check()
+    output_dir = Path(args.output_dir)
+    if (output_dir / PIPELINE_DIRNAME).exists():
+        raise ValueError(
+            f"--output_dir {output_dir} already holds a finished run ({PIPELINE_DIRNAME}/); use a new one."
+        )
+    if list_checkpoints(output_dir) and args.resume_from_checkpoint is None:
+        raise ValueError(
+            f"--output_dir {output_dir} holds checkpoints; pass --resume_from_checkpoint latest to continue that run, "
+            "or use a new --output_dir (nothing is overwritten)."
+        )
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+
+
+def trackable_config(args: argparse.Namespace) -> dict:
+    """The flags as tracker hyperparameters: scalars and strings only."""
+    out = {}
+    for key, value in vars(args).items():
+        out[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return out
+
+
+def main(args: argparse.Namespace) -> Path:
+    from diffusers import UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    from flow_lune.training.data import DataConfig, TeacherParts, collate, prepare_training_data
+    from flow_lune.training.fusion import FusionConfig
+    from flow_lune.training.models import build_student, default_teacher_dir, load_teacher
+    from flow_lune.training.weighting import build_block_weighting
+
+    # 1. Accelerator, logging, seed, output folder
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)  # anything outside our counter-based streams (LoRA init)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # 2. Teacher: frozen, out of accelerator.prepare, its own schedule
+    if args.pretrained_teacher_model is None:
+        with accelerator.main_process_first():
+            teacher_path = str(default_teacher_dir(args.cache_dir))
+        logger.info(f"No --pretrained_teacher_model: using the embedded tiny SD1.5 teacher at {teacher_path}.")
+        teacher_id = "flow_lune.tiny(seed=0)"
+    else:
+        teacher_path = args.pretrained_teacher_model
+        teacher_id = f"{teacher_path}@{args.revision}/{args.variant}"
+    with accelerator.main_process_first():
+        teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir, args.teacher_config)
+    schedule = TeacherSchedule.from_scheduler_config(teacher.scheduler_config)
+    if args.resolution is None:
+        args.resolution = int(teacher.unet.config.sample_size) * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+
+    # 3. Student: fp32 trainable weights (a copy of the teacher's UNet, or --student_model)
+    student = build_student(teacher.unet, args.student_model)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    teacher.unet.to(accelerator.device, dtype=weight_dtype)
+    teacher.vae.to(accelerator.device, dtype=torch.float32)  # VAE encoding in fp32
+    teacher.text_encoder.to(accelerator.device, dtype=torch.float32)  # embeddings are cached; keep export exact
+    if args.lora_rank is not None:
+        from peft import LoraConfig
+
+        student.requires_grad_(False).to(dtype=weight_dtype)
+        student.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha or args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+            )
+        )
+        cast_training_params(student, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    student.to(accelerator.device).train()
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            student.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=student.config
+        )
+        ema.to(accelerator.device)
+
+    # 4. Block hooks (unwrapped modules), block weighting, sigma sampler
+    student_hooks = BlockFeatureHooks(student).attach()
+    teacher_hooks = BlockFeatureHooks(teacher.unet).attach()
+    fusion = FusionConfig(args.fusion_alpha, args.fusion_beta, args.fusion_delta, args.lambda_min, args.lambda_max)
+    weighting = build_block_weighting(args.assessor, args.base_block_weights, fusion, accelerator.device)
+    sigma_sampler = SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
+    if args.timestep_sampling == "adaptive":
+        from flow_lune.training.assessor import adaptive_sampler_from_profile
+
+        sigma_sampler = adaptive_sampler_from_profile(
+            Path(args.assessor) / "profile.json",
+            base=sigma_sampler,
+            reliability_threshold=args.reliability_threshold,
+            base_jitter=args.base_jitter,
+            adaptive_jitter=args.adaptive_jitter,
+        )
+    objective = ObjectiveConfig(args.loss_weighting, args.kd_weight, args.block_penalty_weight, args.base_block_weights)
+    streams = RandomStreams(args.seed, accelerator.process_index)
+
+    # 5. Data: cached latents x0 and prompt embeddings
+    data_config = DataConfig.from_args(args)
+    data_config.teacher_id = teacher_id
+    parts = TeacherParts(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet, teacher.scheduler_config)
+    train_dataset = prepare_training_data(data_config, parts, accelerator)
+    empty_prompt_embeds = train_dataset.empty_prompt_embeds.to(accelerator.device)
+    train_sampler = EpochShuffleSampler(len(train_dataset), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=train_sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # 6. Optimizer and learning-rate schedule, sized to the real number of optimizer steps
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in student.parameters() if p.requires_grad]
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls, extra = bnb.optim.AdamW8bit, {}
+    else:
+        # fused=True: one kernel for all tensors; the per-tensor loop costs ~38% more on CPU (DESIGN.md section 9).
+        optimizer_cls, extra = torch.optim.AdamW, {"fused": accelerator.device.type in ("cpu", "cuda")}
+    optimizer = optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        **extra,
+    )
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    num_update_steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence * num_processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+
+    # 7. Prepare with accelerate; checkpoint hooks; trackers
+    student, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        student, optimizer, train_dataloader, lr_scheduler
+    )
+    register_checkpoint_hooks(accelerator, ema=ema, lora=args.lora_rank is not None)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("flow-lune", config=trackable_config(args))
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}; num epochs = {num_train_epochs}")
+    logger.info(f"  Batch per process = {args.train_batch_size}; total batch = {total_batch_size}")
+    logger.info(f"  Gradient accumulation = {args.gradient_accumulation_steps}; optimizer steps = {max_train_steps}")
+
+    # 8. Resume at the exact batch and step
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info(f"No checkpoint in {output_dir} to resume from; starting a new run.")
+    if resume_path is not None:
+        later = [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume_path)]
+        if later:
+            raise ValueError(
+                f"Resuming from {resume_path.name} would overwrite the later checkpoints {later}; move them away "
+                "or resume from 'latest'."
+            )
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoint_step(resume_path)
+        first_epoch = global_step // num_update_steps_per_epoch
+        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        name = (
+            "args.json" if global_step == 0 and not (output_dir / "args.json").exists() else f"args-{global_step}.json"
+        )
+        tmp = output_dir / (name + ".tmp")
+        tmp.write_text(json.dumps(vars(args), indent=2, default=str))
+        os.replace(tmp, output_dir / name)
+    metrics = MetricsWriter(output_dir / "metrics.jsonl") if accelerator.is_main_process else None
+
+    # 9. Train
+    progress_bar = tqdm(
+        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    skipped_steps, nonfinite_in_a_row, bad_update = 0, 0, False
+    sums = torch.zeros(2 + len(BASE_BLOCK_WEIGHTS), device=accelerator.device)  # loss, flow, kd_b over micro-batches
+    micro_batches, last_log_time, last_log_step, last_out = 0, time.perf_counter(), global_step, None
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        skip = resume_batches if epoch == first_epoch else 0
+        dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        dataloader.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
+        for offset, batch in enumerate(dataloader):
+            batch_index = skip + offset
+            with accelerator.accumulate(student):
+                x0 = batch["latents"].to(accelerator.device, torch.float32)
+                prompt_embeds = batch["prompt_embeds"].to(accelerator.device, torch.float32)
+                bsz = x0.shape[0]
+                sigma = sigma_sampler.sample(bsz, streams.generator("sigma", epoch, batch_index))
+                eps = torch.randn(x0.shape, generator=streams.generator("noise", epoch, batch_index))
+                drop = torch.rand(bsz, generator=streams.generator("dropout", epoch, batch_index)) < args.uncond_prob
+                sigma, eps, drop = sigma.to(accelerator.device), eps.to(accelerator.device), drop.to(x0.device)
+                prompt_embeds = torch.where(drop[:, None, None], empty_prompt_embeds.to(prompt_embeds), prompt_embeds)
+                out = distillation_loss(
+                    student, teacher.unet, student_hooks, teacher_hooks, x0, eps, sigma, prompt_embeds,
+                    schedule, weighting, objective,
+                )  # fmt: skip
+                finite = torch.isfinite(out.loss.detach()).float().reshape(1)
+                if accelerator.num_processes > 1:
+                    finite = accelerator.gather(finite).min().reshape(1)
+                if bool(finite.item()):
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                    sums += torch.cat([out.loss.detach()[None], out.flow_loss.detach()[None], out.kd.detach()])
+                    micro_batches += 1
+                    last_out = out
+                else:
+                    bad_update = True  # every process skips the whole optimizer step
+                if accelerator.sync_gradients and not bad_update:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            if bad_update:
+                skipped_steps += 1
+                nonfinite_in_a_row += 1
+                logger.warning(
+                    f"Non-finite loss at step {global_step}: optimizer step skipped ({skipped_steps} so far)."
+                )
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} non-finite losses in a row (step {global_step}); stopping. Lower "
+                        "--learning_rate, use --mixed_precision bf16 instead of fp16, or check the data."
+                    )
+            else:
+                nonfinite_in_a_row = 0
+                if ema is not None:
+                    ema.step(student.parameters())
+            bad_update = False
+
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                means = accelerator.reduce(sums / max(micro_batches, 1), reduction="mean")
+                now = time.perf_counter()
+                speed = (global_step - last_log_step) * total_batch_size / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, global_step
+                if last_out is not None:
+                    record = metrics_record(
+                        global_step, lr_scheduler.get_last_lr()[0], means[0], means[1], means[2:],
+                        last_out.block_weights, speed, skipped_steps,
+                    )  # fmt: skip
+                    if metrics is not None:
+                        metrics.write(record)
+                    accelerator.log(tracker_scalars(record), step=global_step)
+                    progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{speed:.1f}")
+                sums.zero_()
+                micro_batches = 0
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+
+            if global_step % args.validation_steps == 0 and global_step != max_train_steps:
+                if accelerator.is_main_process:
+                    log_validation(
+                        accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
+                        args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale,
+                        args.seed, ema,
+                    )  # fmt: skip
+                accelerator.wait_for_everyone()
+            if global_step >= max_train_steps:
+                break
+
+    # 10. Final validation, export and (optional) upload
+    progress_bar.close()
+    student_hooks.remove()
+    teacher_hooks.remove()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        log_validation(
+            accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
+            args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
+        )  # fmt: skip
+        metrics.close()
+        records = read_metrics(output_dir / "metrics.jsonl")
+        if records:
+            plot_lambda(records, output_dir / "lambda.png")
+        unet = accelerator.unwrap_model(student)
+        if ema is not None:
+            ema.copy_to(unet.parameters())
+        if args.lora_rank is not None:
+            unet = merge_lora(unet)
+        summary = {
+            k: getattr(args, k)
+            for k in (
+                "learning_rate", "lr_scheduler", "train_batch_size", "gradient_accumulation_steps", "shift",
+                "weighting_scheme", "loss_weighting", "kd_weight", "block_penalty_weight", "assessor", "uncond_prob",
+                "lora_rank", "use_ema", "mixed_precision", "seed",
+            )
+        }  # fmt: skip
+        summary["max_train_steps"] = max_train_steps
+        summary["processes"] = accelerator.num_processes
+        result = export_final(
+            output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file
+        )
+        logger.info(f"Saved the FlowLunePipeline to {result.pipeline_dir}")
+        if args.push_to_hub:
+            repo_id = push_to_hub(output_dir, args.hub_model_id, token=os.environ.get("HF_TOKEN"))
+            logger.info(f"Uploaded {output_dir} to {repo_id}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir / PIPELINE_DIRNAME
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,211 @@
+"""Training checkpoints: atomic ``checkpoint-N`` folders, diffusers-layout save/load hooks, random streams.
+
+A checkpoint is written by ``accelerator.save_state`` into ``checkpoint-N.tmp`` and renamed to
+``checkpoint-N`` only once every process has finished writing, so ``latest`` never names a partial one;
+old checkpoints beyond ``--checkpoints_total_limit`` are deleted only after that rename.
+
+The save hook writes the student in diffusers layout (``unet/``, loadable by
+``UNet2DConditionModel.from_pretrained``; ``unet_lora/`` for LoRA) and the EMA weights (``unet_ema/``).
+
+Random streams are counter-based: the generator for (stream, epoch, batch) is seeded from a hash of
+``(seed, stream, process, epoch, batch)``. A resumed run draws exactly the numbers the uninterrupted run
+drew at the same batch, with nothing to store (and it holds for any number of processes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_SUFFIX = ".tmp"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------- random streams
+
+
+def stream_seed(seed: int, stream: str, process_index: int, epoch: int, batch: int) -> int:
+    """A 63-bit seed from ``sha256("seed/stream/process/epoch/batch")``: independent streams, no state."""
+    digest = hashlib.sha256(f"{seed}/{stream}/{process_index}/{epoch}/{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class RandomStreams:
+    """The trainer's random numbers (sigma, noise, prompt dropout), a function of the batch position only."""
+
+    seed: int
+    process_index: int = 0
+
+    def generator(self, stream: str, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(
+            stream_seed(self.seed, stream, self.process_index, epoch, batch)
+        )
+
+
+# ---------------------------------------------------------------- folders
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """N for a folder named ``checkpoint-N``; None for anything else (``checkpoint-N.tmp`` included)."""
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``latest`` -> the newest complete one (None when there is none), or a path."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / path
+    if not path.is_dir() or checkpoint_step(path) is None:
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint-N folder; "
+            f"pass 'latest' or one of {[p.name for p in list_checkpoints(output_dir)]}."
+        )
+    return path
+
+
+def check_finite_parameters(model: torch.nn.Module, what: str = "student") -> None:
+    """``RuntimeError`` naming the first non-finite parameter: such weights are never saved."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            raise RuntimeError(f"The {what}'s parameter {name!r} holds NaN/inf; refusing to save non-finite weights.")
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints so that at most ``total_limit`` remain; returns the deleted ones."""
+    if total_limit is None:
+        return []
+    found = list_checkpoints(output_dir)
+    doomed = found[: max(0, len(found) - total_limit)]
+    for path in doomed:
+        logger.info("Removing old checkpoint %s (--checkpoints_total_limit %d).", path, total_limit)
+        shutil.rmtree(path)
+    return doomed
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, step: int, total_limit: int | None) -> Path:
+    """``accelerator.save_state`` into ``checkpoint-N.tmp``, rename to ``checkpoint-N``, then prune. All processes."""
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    if accelerator.is_main_process:
+        if final.exists():
+            raise FileExistsError(f"{final} exists already; refusing to overwrite a checkpoint.")
+        if tmp.exists():  # left by a run killed while saving: never complete, safe to drop
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        prune_checkpoints(output_dir, total_limit)
+        logger.info("Saved state to %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------- accelerate hooks
+
+
+def register_checkpoint_hooks(accelerator: Any, ema: Any | None = None, lora: bool = False) -> None:
+    """Save/load hooks: the student in diffusers layout (``unet/`` or ``unet_lora/``) and EMA (``unet_ema/``).
+
+    For full fine-tuning the hook saves ``unet/`` instead of accelerate's ``model.safetensors`` (one copy of the
+    weights) and the load hook reads it back. For LoRA, accelerate keeps its own copy and ``unet_lora/`` holds the
+    adapter in diffusers' LoRA format.
+    """
+    from diffusers import UNet2DConditionModel
+
+    def save_model_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            unet = accelerator.unwrap_model(model)
+            check_finite_parameters(unet)
+            if lora:
+                if accelerator.is_main_process:
+                    save_lora_weights(unet, Path(output_dir) / "unet_lora")
+            else:
+                if accelerator.is_main_process:
+                    unet.save_pretrained(Path(output_dir) / "unet", safe_serialization=True)
+                if weights:
+                    weights.pop()
+        if ema is not None and accelerator.is_main_process:
+            ema.save_pretrained(str(Path(output_dir) / "unet_ema"))
+
+    def load_model_hook(models: list, input_dir: str) -> None:
+        if ema is not None:
+            loaded = type(ema).from_pretrained(str(Path(input_dir) / "unet_ema"), model_cls=UNet2DConditionModel)
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(accelerator.device)
+            del loaded
+        if lora:
+            return
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def save_lora_weights(unet: torch.nn.Module, folder: Path) -> None:
+    """The student's LoRA adapter as ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A random order of ``range(num_samples)`` that is a function of ``(seed, epoch)`` only.
+
+    ``set_epoch`` picks the permutation, so a resumed run sees the same order and, with
+    ``accelerator.skip_first_batches``, continues at the exact batch. Every process draws the same
+    permutation (accelerate shards the batches).
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        if num_samples < 1:
+            raise ValueError(f"The training dataset is empty ({num_samples} rows); check the data source.")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, "data_order", 0, self.epoch, 0))
+        yield from torch.randperm(self.num_samples, generator=generator).tolist()

@@ -1,0 +1,179 @@
+"""End of training: the FlowLunePipeline folder, the single file + ComfyUI workflow, the model card, the upload.
+
+Everything is written under a temporary name and renamed when complete; nothing on disk is overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import check_finite_parameters
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_DIRNAME = "pipeline"  # the FlowLunePipeline folder inside --output_dir
+SINGLE_FILE_NAME = "flow_lune.safetensors"  # the LDM single file inside --output_dir
+
+
+@dataclass
+class ExportResult:
+    """What the end of training wrote."""
+
+    pipeline_dir: Path
+    single_file: Path | None
+    workflow: Path | None
+    model_card: Path
+
+
+def _fresh(path: Path) -> None:
+    if path.exists():
+        raise FileExistsError(f"{path} exists already; use a new --output_dir (nothing is overwritten).")
+
+
+def save_flow_lune_pipeline(folder: Path, student_unet: Any, teacher: Any, shift: float) -> Path:
+    """A ``FlowLunePipeline`` folder: the student UNet (fp32), the teacher's VAE/text encoder/tokenizer and a
+    ``FlowLuneScheduler(shift=shift)``; written to ``<folder>.tmp`` and renamed."""
+    from flow_lune.pipelines import FlowLunePipeline
+    from flow_lune.schedulers import FlowLuneScheduler
+
+    folder = Path(folder)
+    _fresh(folder)
+    check_finite_parameters(student_unet)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe = FlowLunePipeline(
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+        unet=student_unet,
+        scheduler=FlowLuneScheduler(shift=shift),
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def model_card_text(
+    teacher_source: str, shift: float, args_summary: dict[str, Any], hub_model_id: str | None = None
+) -> str:
+    """The model description (Markdown) that goes into diffusers' model-card template."""
+    repo = hub_model_id or "<this folder>"
+    rows = "\n".join(f"| `--{k}` | `{v}` |" for k, v in args_summary.items())
+    return f"""# Flow Lune student of `{teacher_source}`
+
+A rectified-flow student distilled with Flow Lune's `train_flow_distill.py` from the epsilon-prediction
+Stable Diffusion 1.5 teacher `{teacher_source}`. Same UNet architecture; it predicts the flow velocity
+`v = eps - x0` at `x_sigma = (1 - sigma) x0 + sigma eps`, timestep `1000 * sigma`, and samples with
+Euler steps on a shift-{shift:g} sigma grid (`FlowLuneScheduler(shift={shift:g})`, compatible with diffusers'
+`FlowMatchEulerDiscreteScheduler` and ComfyUI's `ModelSamplingSD3` node).
+
+## Use with diffusers
+
+```python
+import torch
+from flow_lune import FlowLunePipeline
+
+pipe = FlowLunePipeline.from_pretrained("{repo}", torch_dtype=torch.float16)
+image = pipe("a photograph of a lighthouse on a cliff at sunset", num_inference_steps=28, guidance_scale=7.5).images[0]
+```
+
+## Use with ComfyUI / A1111
+
+`{SINGLE_FILE_NAME}` (in the training output folder) is the single file in the original (LDM) key layout; load it with
+`CheckpointLoaderSimple` and put a `ModelSamplingSD3` node with shift {shift:g} in front of the sampler (ComfyUI
+loads SD1.5 files as epsilon models otherwise). The `.workflow.json` next to it does exactly that.
+
+## Training
+
+| flag | value |
+|---|---|
+{rows}
+"""
+
+
+def write_model_card(
+    folder: Path, teacher_source: str, shift: float, args_summary: dict[str, Any], hub_model_id: str | None = None
+) -> Path:
+    """``README.md`` in ``folder``, from diffusers' training model-card template, offline (what
+    ``load_or_create_model_card(from_training=True)`` builds when the Hub has no card)."""
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = ModelCard.from_template(
+        card_data=ModelCardData(
+            license="creativeml-openrail-m",  # SD1.5's licence carries over to derivatives
+            library_name="diffusers",
+            inference=True,
+            base_model=teacher_source if "/" in teacher_source and not Path(teacher_source).exists() else None,
+        ),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description=model_card_text(teacher_source, shift, args_summary, hub_model_id),
+    )
+    card = populate_model_card(
+        card, tags=["text-to-image", "diffusers", "flow-lune", "rectified-flow", "distillation", "stable-diffusion"]
+    )
+    path = Path(folder) / "README.md"
+    tmp = path.with_name("README.md.tmp")
+    card.save(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def export_single_file(pipeline_dir: Path, dst: Path, shift: float, title: str) -> tuple[Path, Path | None]:
+    """The LDM single file and its ComfyUI workflow, through ``flow_lune.convert.convert_to_single_file``."""
+    from flow_lune.convert import convert_to_single_file
+
+    result = convert_to_single_file(pipeline_dir, dst, shift=shift, title=title, progress=False)
+    logger.info(result.summary())
+    return result.dst, result.workflow
+
+
+def export_final(
+    output_dir: Path,
+    student_unet: Any,
+    teacher: Any,
+    shift: float,
+    args_summary: dict[str, Any],
+    hub_model_id: str | None = None,
+    single_file: bool = True,
+) -> ExportResult:
+    """Write the pipeline folder with its model card, then the single file + workflow. Main process only."""
+    output_dir = Path(output_dir)
+    pipeline_dir = save_flow_lune_pipeline(output_dir / PIPELINE_DIRNAME, student_unet, teacher, shift)
+    card = write_model_card(pipeline_dir, teacher.source, shift, args_summary, hub_model_id)
+    file, workflow = (None, None)
+    if single_file:
+        file, workflow = export_single_file(
+            pipeline_dir, output_dir / SINGLE_FILE_NAME, shift, title=f"Flow Lune student of {teacher.source}"
+        )
+    return ExportResult(pipeline_dir=pipeline_dir, single_file=file, workflow=workflow, model_card=card)
+
+
+def push_to_hub(output_dir: Path, hub_model_id: str, token: str | None = None) -> str:
+    """One upload of the finished output folder (pipeline, single file, workflow, logs; no checkpoints)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(hub_model_id, exist_ok=True, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        commit_message="Flow Lune: end of training",
+        ignore_patterns=["checkpoint-*", "*.tmp", "*.tmp/*", "logs/*"],
+        token=token,
+    )
+    return repo_id
+
+
+def merge_lora(unet: Any) -> Any:
+    """The student with its LoRA adapter merged into the base weights and removed (a plain UNet again)."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet.to(torch.float32)

@@ -1,0 +1,171 @@
+"""Loading the teacher and building the student (DESIGN.md sections 2 and 7).
+
+The teacher is an epsilon-prediction SD1.5-layout pipeline: a diffusers folder, a Hub id
+(``revision``/``variant``), or a single file that ``flow_lune.convert`` turns into a diffusers folder
+first. It is frozen and never passes through ``accelerator.prepare``. The student starts as a strict
+copy of the teacher's UNet, or from ``--student_model`` (a diffusers UNet folder, a pipeline folder, or
+one of our ``checkpoint-N`` folders), and keeps fp32 trainable weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .block_features import block_channels
+
+logger = logging.getLogger(__name__)
+
+SD1_DOWN_TYPES = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD1_UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+TINY_TEACHER_NAME = "tiny-sd15-teacher"  # the embedded default teacher's folder under the cache dir
+
+
+@dataclass
+class TeacherComponents:
+    """The teacher pipeline's parts, frozen; ``unet`` is the epsilon model, ``scheduler_config`` its DDPM table."""
+
+    unet: Any  # UNet2DConditionModel
+    vae: Any  # AutoencoderKL
+    text_encoder: Any  # CLIPTextModel
+    tokenizer: Any  # CLIPTokenizer
+    scheduler_config: dict
+    source: str  # what was loaded (path or Hub id), for logs and the model card
+
+
+def check_sd15_unet(unet: Any, what: str = "teacher") -> None:
+    """``ValueError`` unless ``unet`` is a UNet2DConditionModel with SD1.5's block layout (4 in/out channels)."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"The {what} UNet is a {type(unet).__name__}; Flow Lune needs a UNet2DConditionModel.")
+    cfg = unet.config
+    problems = []
+    if tuple(cfg.down_block_types) != SD1_DOWN_TYPES:
+        problems.append(f"down_block_types={list(cfg.down_block_types)}")
+    if tuple(cfg.up_block_types) != SD1_UP_TYPES:
+        problems.append(f"up_block_types={list(cfg.up_block_types)}")
+    if cfg.in_channels != 4 or cfg.out_channels != 4:
+        problems.append(f"in/out channels {cfg.in_channels}/{cfg.out_channels}")
+    if cfg.get("addition_embed_type") is not None or cfg.get("class_embed_type") is not None:
+        problems.append("extra conditioning (addition_embed_type/class_embed_type, e.g. SDXL)")
+    if problems:
+        raise ValueError(
+            f"The {what} is not an SD1.5-layout UNet: {'; '.join(problems)}. Flow Lune distils SD1.5-architecture "
+            "epsilon-prediction models (4 down blocks CrossAttn x3 + Down, 4-channel latents)."
+        )
+
+
+def default_teacher_dir(cache_dir: str | os.PathLike) -> Path:
+    """Build (once) the embedded tiny SD1.5 teacher under ``cache_dir``, offline; returns its folder."""
+    from flow_lune.tiny import save_tiny_sd_pipeline
+
+    folder = Path(cache_dir).expanduser() / TINY_TEACHER_NAME
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    save_tiny_sd_pipeline(tmp, seed=0)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: keep its folder
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def single_file_to_diffusers(path: Path, cache_dir: str | os.PathLike, config_dir: str | None = None) -> Path:
+    """Convert an original-layout single file to a diffusers folder under ``cache_dir`` (once per name/size/mtime).
+
+    ``config_dir``: a local diffusers folder whose configs (and tokenizer) the conversion uses; the converter's
+    built-in SD1.5 configs otherwise.
+    """
+    from flow_lune.convert import convert_to_diffusers
+
+    stat = path.stat()
+    folder = Path(cache_dir).expanduser() / f"teacher-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (folder / "model_index.json").is_file():
+        convert_to_diffusers(path, folder, config=config_dir, progress=False)
+    if not (folder / "tokenizer").is_dir():
+        raise ValueError(
+            f"The single-file teacher {str(path)!r} was converted without a tokenizer; pass --teacher_config with a "
+            "local diffusers folder that has tokenizer/ (e.g. a downloaded SD1.5 pipeline)."
+        )
+    return folder
+
+
+def load_teacher(
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str = "~/.cache/flow_lune",
+    config_dir: str | None = None,
+) -> TeacherComponents:
+    """Load the teacher's UNet, VAE, text encoder, tokenizer and scheduler config; checks SD1.5 layout and epsilon.
+
+    A path ending in .safetensors/.ckpt goes through ``flow_lune.convert`` first.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from flow_lune.schedulers import TeacherSchedule
+
+    source = pretrained
+    path = Path(pretrained).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ValueError(f"--pretrained_teacher_model {pretrained!r} looks like a single file but does not exist.")
+        path = single_file_to_diffusers(path, cache_dir, config_dir)
+        pretrained = str(path)
+    kwargs = {"revision": revision}
+    scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+    TeacherSchedule.from_scheduler_config(scheduler_config)  # raises for non-epsilon or zero-SNR teachers
+    unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kwargs)
+    check_sd15_unet(unet)
+    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", variant=variant, **kwargs)
+    tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, source)
+
+
+def _student_unet_folder(path: Path) -> tuple[Path, str | None]:
+    """Where a UNet lives in ``path``: a UNet folder, a pipeline folder (``unet/``) or a checkpoint (``unet/``)."""
+    if (path / "config.json").is_file():
+        return path, None
+    if (path / "unet" / "config.json").is_file():
+        return path, "unet"
+    raise ValueError(
+        f"--student_model {str(path)!r} holds no UNet: expected a diffusers UNet folder (config.json), "
+        "a pipeline folder or a checkpoint-N folder (unet/config.json)."
+    )
+
+
+def build_student(teacher_unet: torch.nn.Module, student_model: str | None = None) -> torch.nn.Module:
+    """The student UNet in fp32, trainable: a strict copy of the teacher's UNet, or loaded from ``student_model``."""
+    if student_model is None:
+        student = copy.deepcopy(teacher_unet)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        folder, subfolder = _student_unet_folder(Path(student_model).expanduser())
+        student = UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder)
+        check_sd15_unet(student, what="student")
+        if block_channels(student) != block_channels(teacher_unet) or (
+            student.config.cross_attention_dim != teacher_unet.config.cross_attention_dim
+        ):
+            raise ValueError(
+                f"--student_model {student_model!r} does not match the teacher's architecture "
+                f"(block channels {block_channels(student)} vs {block_channels(teacher_unet)}, cross_attention_dim "
+                f"{student.config.cross_attention_dim} vs {teacher_unet.config.cross_attention_dim})."
+            )
+    return student.to(torch.float32).requires_grad_(True).train()
