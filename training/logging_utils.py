@@ -178,7 +178,7 @@ def log_validation(
     """
     import numpy as np
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from flow_lune.pipelines import FlowLunePipeline
     from flow_lune.schedulers import FlowLuneScheduler
@@ -202,7 +202,7 @@ def log_validation(
             text_encoder=teacher.text_encoder,
             tokenizer=teacher.tokenizer,
             unet=teacher.unet,
-            scheduler=DDPMScheduler.from_config(teacher.scheduler_config),
+            scheduler=teacher.scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -37,6 +37,7 @@ class TeacherComponents:
     text_encoder: Any  # CLIPTextModel
     tokenizer: Any  # CLIPTokenizer
     scheduler_config: dict
+    scheduler: Any  # the teacher's own scheduler (for its StableDiffusionPipeline in validation)
     source: str  # what was loaded (path or Hub id), for logs and the model card
 
 
@@ -135,7 +136,11 @@ def load_teacher(
     tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
-    return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, source)
+    import diffusers
+
+    scheduler_cls = getattr(diffusers, str(scheduler_config.get("_class_name")), DDPMScheduler)
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, scheduler, source)
 
 
 def _student_unet_folder(path: Path) -> tuple[Path, str | None]:

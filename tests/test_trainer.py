@@ -1,0 +1,331 @@
+"""train_flow_distill.py on tiny components, in the style of diffusers' example tests.
+
+Runs call ``main(parse_args([...]))`` in this process (importing torch costs seconds per process);
+only the SIGKILL test and the two-process test start subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train_flow_distill  # noqa: E402
+from flow_lune.training.block_features import BLOCK_NAMES  # noqa: E402
+from flow_lune.training.checkpoints import (  # noqa: E402
+    EpochShuffleSampler,
+    RandomStreams,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_resume,
+)
+
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine two threads can be 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache (tiny teacher, generated latents, embeddings) shared by every run of this module."""
+    return tmp_path_factory.mktemp("flow-lune-cache")
+
+
+def base_args(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--output_dir", str(output_dir),
+        "--cache_dir", str(cache_dir),
+        "--num_generated", "8",  # 4 batches of 2 per epoch
+        "--generation_steps", "2",
+        "--train_batch_size", "2",
+        "--report_to", "none",
+        "--num_validation_inference_steps", "2",
+        "--validation_prompts", "a red square",
+        "--learning_rate", "1e-4",
+        "--seed", "3",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(output_dir: Path, cache_dir: Path, *extra: str) -> Path:
+    return train_flow_distill.main(train_flow_distill.parse_args(base_args(output_dir, cache_dir, *extra)))
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / UNET_FILE))
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# ---------------------------------------------------------------- a full run
+
+
+def test_run_writes_everything(tmp_path, cache_dir):
+    from diffusers import UNet2DConditionModel
+
+    from flow_lune.pipelines import FlowLunePipeline
+    from flow_lune.schedulers import FlowLuneScheduler
+
+    out = tmp_path / "out"
+    pipeline_dir = run(
+        out, cache_dir, "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+        "--validation_steps", "3", "--report_to", "tensorboard", "--use_ema", "--ema_decay", "0.5",
+    )  # fmt: skip
+    # The pipeline folder loads as a FlowLunePipeline with the training shift, and holds the trained student.
+    pipe = FlowLunePipeline.from_pretrained(pipeline_dir)
+    assert isinstance(pipe.scheduler, FlowLuneScheduler) and pipe.scheduler.config.shift == 3.0
+    teacher = UNet2DConditionModel.from_pretrained(cache_dir / "tiny-sd15-teacher", subfolder="unet")
+    changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, pipe.unet.state_dict()[k])]
+    assert changed, "the exported student equals the teacher: training did nothing"
+    assert (pipeline_dir / "README.md").read_text().startswith("---")
+    assert "flow-lune" in (pipeline_dir / "README.md").read_text()
+    # The single file (LDM layout) and its ComfyUI workflow with the shift.
+    single = load_file(str(out / "flow_lune.safetensors"))
+    assert any(k.startswith("model.diffusion_model.") for k in single)
+    workflow = json.loads((out / "flow_lune.workflow.json").read_text())
+    assert any(
+        node["class_type"] == "ModelSamplingSD3" and node["inputs"]["shift"] == 3.0 for node in workflow.values()
+    )
+    # Checkpoints: the limit kept only the newest; it holds the student and EMA in diffusers layout.
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert not list(out.glob("*.tmp"))
+    UNet2DConditionModel.from_pretrained(out / "checkpoint-4", subfolder="unet")
+    UNet2DConditionModel.from_pretrained(out / "checkpoint-4", subfolder="unet_ema")
+    # Logs: one metrics record per step with the per-block parts, validation grids, lambda plot, tensorboard.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert set(r["kd"]) == set(r["lambda"]) == set(BLOCK_NAMES)
+        assert r["samples_per_second"] > 0 and r["loss"] >= r["flow_loss"] > 0
+    assert (out / "validation" / "step-3.png").is_file() and (out / "validation" / "step-4.png").is_file()
+    assert (out / "lambda.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert json.loads((out / "args.json").read_text())["max_train_steps"] == 4
+
+
+def test_lora_run_exports_a_plain_unet(tmp_path, cache_dir):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "lora"
+    pipeline_dir = run(out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps", "2", "--lora_rank", "4",
+                       "--no_single_file")  # fmt: skip
+    assert (out / "checkpoint-2" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+    assert not any("lora" in k for k in unet.state_dict())
+
+
+# ---------------------------------------------------------------- resume
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {repo!r})
+    import train_flow_distill as t
+
+    def save_then_die(accelerator, output_dir, step, total_limit, _orig=t.save_checkpoint):
+        if step == {kill_step}:  # killed while writing: the state is in checkpoint-N.tmp, never renamed
+            accelerator.save_state(str(Path(output_dir) / f"checkpoint-{{step}}.tmp"))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _orig(accelerator, output_dir, step, total_limit)
+
+    t.save_checkpoint = save_then_die
+    t.main(t.parse_args(sys.argv[1:]))
+    """
+)
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, cache_dir):
+    extra = (
+        "--max_train_steps", "12", "--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
+        "--uncond_prob", "0.5", "--use_ema", "--ema_decay", "0.9", "--no_single_file",
+    )  # fmt: skip
+    straight = tmp_path / "straight"
+    run(straight, cache_dir, *extra)
+
+    killed = tmp_path / "killed"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(repo=str(REPO), kill_step=9))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), *base_args(killed, cache_dir, *extra)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(killed)] == ["checkpoint-3", "checkpoint-6"]
+    assert (killed / "checkpoint-9.tmp").is_dir()
+    assert resolve_resume("latest", killed).name == "checkpoint-6"
+
+    run(killed, cache_dir, *extra, "--resume_from_checkpoint", "latest")
+    assert_bit_identical(unet_weights(straight / "pipeline"), unet_weights(killed / "pipeline"))
+    for step in (9, 12):  # the checkpoints written after the resume match too (student and EMA)
+        for sub in ("unet", "unet_ema"):
+            a = load_file(str(straight / f"checkpoint-{step}" / sub / "diffusion_pytorch_model.safetensors"))
+            b = load_file(str(killed / f"checkpoint-{step}" / sub / "diffusion_pytorch_model.safetensors"))
+            assert_bit_identical(a, b)
+    assert not (killed / "checkpoint-9.tmp").exists()
+    losses = {}
+    for folder in (straight, killed):
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            losses.setdefault(folder.name, {})[r["step"]] = r["loss"]
+    assert losses["straight"] == losses["killed"]
+
+
+def test_resume_latest_without_checkpoints_starts_fresh_and_refuses_overwrites(tmp_path, cache_dir):
+    out = tmp_path / "fresh"
+    run(out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest",
+        "--no_single_file")  # fmt: skip
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    with pytest.raises(ValueError, match="finished run"):
+        train_flow_distill.parse_args(base_args(out, cache_dir, "--resume_from_checkpoint", "latest"))
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, cache_dir, monkeypatch):
+    real = train_flow_distill.distillation_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in bad:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_flow_distill, "distillation_loss", sometimes_nan)
+    bad = {2}
+    out = tmp_path / "nan"
+    run(out, cache_dir, "--max_train_steps", "3", "--no_single_file")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in unet_weights(out / "pipeline").values())
+
+    calls["n"], bad = 0, set(range(1, 100))
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        run(tmp_path / "nan2", cache_dir, "--max_train_steps", "6", "--max_nonfinite_steps", "3")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--timestep_sampling", "adaptive"], "needs --assessor"),
+        (["--push_to_hub"], "needs --hub_model_id"),
+        (["--lora_rank", "4", "--use_ema"], "not supported"),
+        (["--uncond_prob", "1.5"], "uncond_prob"),
+        (["--prompts_file", "p.txt", "--latents_dataset", "x"], "one data source"),
+        (["--shift", "0"], "shift"),
+        (["--lambda_min", "4"], "lam_min"),
+        (["--assessor", "/nonexistent/assessor"], "not a folder"),
+        (["--revision", "main"], "need --pretrained_teacher_model"),
+    ],
+)
+def test_contradictory_flags_fail_before_any_work(tmp_path, cache_dir, extra, match):
+    with pytest.raises(ValueError, match=match):
+        train_flow_distill.parse_args(base_args(tmp_path / "never", cache_dir, *extra))
+    assert not (tmp_path / "never").exists()
+
+
+def test_non_epsilon_or_non_sd15_teacher_is_refused(tmp_path, cache_dir, tiny_pipeline_dir):
+    import shutil
+
+    from flow_lune.tiny import tiny_unet
+    from flow_lune.training.models import check_sd15_unet
+
+    teacher = tmp_path / "vpred-teacher"
+    shutil.copytree(tiny_pipeline_dir, teacher)
+    cfg_path = teacher / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match="epsilon"):
+        run(tmp_path / "out", cache_dir, "--pretrained_teacher_model", str(teacher))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    with pytest.raises(ValueError, match="SD1.5-layout"):
+        check_sd15_unet(tiny_unet(0, down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4))
+
+
+# ---------------------------------------------------------------- checkpoint helpers
+
+
+def test_checkpoint_folders_ignore_partial_ones_and_prune_oldest(tmp_path):
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-30", "checkpoint-40.tmp", "other"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-30"
+    assert resolve_resume("checkpoint-10", tmp_path).name == "checkpoint-10"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_resume("checkpoint-40.tmp", tmp_path)
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-10",
+        "checkpoint-30",
+        "checkpoint-40.tmp",
+        "other",
+    ]
+
+
+def test_random_streams_and_sampler_depend_on_position_only():
+    a, b = RandomStreams(seed=1), RandomStreams(seed=1)
+    x = torch.randn(5, generator=a.generator("noise", 2, 7))
+    assert torch.equal(x, torch.randn(5, generator=b.generator("noise", 2, 7)))
+    assert not torch.equal(x, torch.randn(5, generator=b.generator("noise", 2, 8)))
+    assert not torch.equal(x, torch.randn(5, generator=b.generator("sigma", 2, 7)))
+    assert not torch.equal(x, torch.randn(5, generator=RandomStreams(1, process_index=1).generator("noise", 2, 7)))
+    sampler = EpochShuffleSampler(10, seed=4)
+    sampler.set_epoch(3)
+    order = list(sampler)
+    assert sorted(order) == list(range(10))
+    sampler.set_epoch(0)
+    assert list(sampler) != order
+    sampler.set_epoch(3)
+    assert list(sampler) == order
+
+
+# ---------------------------------------------------------------- several processes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FLOW_LUNE_SLOW"), reason="two torchrun processes; set FLOW_LUNE_SLOW=1")
+def test_two_process_cpu_run_writes_one_set_of_checkpoints(tmp_path, cache_dir):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = base_args(out, cache_dir, "--max_train_steps", "4", "--checkpointing_steps", "2", "--no_single_file")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_flow_distill.py")]
+    cmd += args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Distributed environment: MULTI_CPU" in proc.stderr and "Num processes: 2" in proc.stderr
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert len(list(out.rglob("diffusion_pytorch_model.safetensors"))) == 3  # 2 checkpoints + the pipeline
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert json.loads((out / "pipeline" / "model_index.json").read_text())["_class_name"] == "FlowLunePipeline"
