@@ -40,6 +40,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the teacher's weights, e.g. fp16.")
+    parser.add_argument(
+        "--teacher_config",
+        type=str,
+        default=None,
+        help="For a single-file teacher: a local diffusers folder with the configs and tokenizer to convert with.",
+    )
 
     # ----------Data (the trainer's sources; see training/data.py)----------
     parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
@@ -47,7 +53,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_data_dir", type=str, default=None, help="Local imagefolder with captions.")
     parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
     parser.add_argument("--caption_column", type=str, default="text", help="Caption column of --dataset_name.")
-    parser.add_argument("--resolution", type=int, default=512, help="Image resolution (SD1.5: 512).")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Image size; default the teacher's (sample_size * 8)."
+    )
     parser.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
     parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset holding latents and prompts.")
@@ -64,11 +72,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     # ----------Sigma sampling (the trainer's density; see schedulers/sigma_sampling.py)----------
     parser.add_argument(
-        "--sigma_density",
+        "--weighting_scheme",
         type=str,
         default="uniform",
         choices=["uniform", "logit_normal", "mode", "cosmap"],
-        help="Density of u before the shift; use the trainer's.",
+        help="Density of training sigmas before the shift; use the trainer's.",
     )
     parser.add_argument("--shift", type=float, default=3.0, help="Training shift; use the trainer's.")
     parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean.")
@@ -123,8 +131,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--profile_batch_size must be >= 1, got {args.profile_batch_size}.")
     if args.profile_samples < args.num_bins:
         raise ValueError(f"--profile_samples must be >= --num_bins ({args.num_bins}), got {args.profile_samples}.")
+    if args.pretrained_teacher_model is None and (args.revision or args.variant):
+        raise ValueError("--revision/--variant need --pretrained_teacher_model.")
     if not 0 <= args.uncond_prob <= 1:
         raise ValueError(f"--uncond_prob must lie in [0, 1], got {args.uncond_prob}.")
+    from flow_lune.training.data import DataConfig
+
+    data_args = argparse.Namespace(**vars(args))
+    data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
+    DataConfig.from_args(data_args).check()
     out = Path(args.output_dir)
     taken = [n for n in ("config.json", "model.safetensors", "profile.json", "profile.png") if (out / n).exists()]
     if taken:
@@ -177,11 +192,18 @@ def main(args: argparse.Namespace) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. Teacher (frozen, never prepared), in the mixed-precision dtype like the trainer's
-    teacher_path = args.pretrained_teacher_model
-    if teacher_path is None:
+    #    (the same teacher_id as train_flow_distill.py, so the two scripts share the data caches)
+    if args.pretrained_teacher_model is None:
         with accelerator.main_process_first():
             teacher_path = str(default_teacher_dir(args.cache_dir))
-    teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir)
+        teacher_id = "flow_lune.tiny(seed=0)"
+    else:
+        teacher_path = args.pretrained_teacher_model
+        teacher_id = f"{teacher_path}@{args.revision}/{args.variant}"
+    with accelerator.main_process_first():
+        teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir, args.teacher_config)
+    if args.resolution is None:
+        args.resolution = int(teacher.unet.config.sample_size) * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     teacher.unet.to(accelerator.device, dtype=weight_dtype)
     teacher.text_encoder.to(accelerator.device)
@@ -189,7 +211,7 @@ def main(args: argparse.Namespace) -> None:
 
     # 3. Data: the trainer's sources and caches
     data_cfg = DataConfig.from_args(args)
-    data_cfg.teacher_id = f"{teacher.source}@{args.revision}/{args.variant}"
+    data_cfg.teacher_id = teacher_id
     parts = TeacherParts(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet, teacher.scheduler_config)
     dataset = prepare_training_data(data_cfg, parts, accelerator)
     empty_embeds = dataset.empty_prompt_embeds
@@ -204,7 +226,7 @@ def main(args: argparse.Namespace) -> None:
         num_workers=args.dataloader_num_workers,
     )
     features = TeacherBlockFeatures(teacher.unet, teacher.scheduler_config)
-    sampler = SigmaSampler(args.sigma_density, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
+    sampler = SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
     train_cfg = AssessorTrainingConfig(
         temperature=args.temperature,
         view_sigma_jitter=args.view_sigma_jitter,

@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -84,31 +82,61 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.skipif(not (ROOT / "train_flow_distill.py").exists(), reason="train_flow_distill.py not written yet")
+TRAINER = ROOT / "train_flow_distill.py"
+
+
+@pytest.mark.xfail(not TRAINER.exists(), reason="train_flow_distill.py is not written yet", run=False)
 def test_trainer_with_assessor_logs_changing_block_weights(assessor_dir, tmp_path):
-    """The ablation pair: --assessor none gives lambda_b = w_b; --assessor PATH gives lambda_b that differ
-    between blocks and change over training, with e_t, e_p, coh logged."""
-    common = [*TINY_ARGS[:6], "--max_train_steps", "4", "--report_to", "none", "--seed", "0"]
-    common += ["--cache_dir", str(assessor_dir.parent / "cache")]
+    """The ablation pair, identical but for --assessor: none gives lambda_b = w_b exactly and no signals; PATH
+    gives lambda_b that differ between blocks and change over training, with e_t, e_p, coh logged and varying."""
+    trainer = load_script("train_flow_distill.py")
+    common = [
+        "--cache_dir", str(assessor_dir.parent / "cache"),  # the assessor's data cache: same teacher, same latents
+        "--num_generated", "8",
+        "--generation_steps", "2",
+        "--train_batch_size", "2",
+        "--max_train_steps", "4",
+        "--report_to", "none",
+        "--num_validation_inference_steps", "2",
+        "--validation_prompts", "a red square",
+        "--learning_rate", "1e-3",
+        "--no_single_file",
+        "--seed", "3",
+    ]  # fmt: skip
     runs = {}
-    for name, assessor in (("none", "none"), ("david", str(assessor_dir))):
-        out = tmp_path / name
-        cmd = [sys.executable, str(ROOT / "train_flow_distill.py"), *common, "--output_dir", str(out)]
-        cmd += ["--assessor", assessor]
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = read_metrics(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, assessor in (("none", "none"), ("david", str(assessor_dir))):
+            out = tmp_path / name
+            trainer.main(trainer.parse_args([*common, "--output_dir", str(out), "--assessor", assessor]))
+            runs[name] = read_metrics(out)
+        out = tmp_path / "adaptive"  # the profile drives the sigma sampler
+        trainer.main(
+            trainer.parse_args(
+                [*common, "--output_dir", str(out), "--assessor", str(assessor_dir), "--timestep_sampling", "adaptive"]
+            )
+        )
+        assert len(read_metrics(out)) == 4
+    finally:
+        torch.set_num_threads(threads)
     base = torch.tensor(BASE_BLOCK_WEIGHTS)
 
-    def lam(row):
-        return torch.tensor([row[f"lambda/{b}"] for b in BLOCK_NAMES])
+    def per_block(row, key):
+        return torch.tensor([row[key][b] for b in BLOCK_NAMES])
 
+    assert len(runs["none"]) == len(runs["david"]) == 4
     for row in runs["none"]:
-        torch.testing.assert_close(lam(row), base, rtol=0, atol=0)
+        torch.testing.assert_close(per_block(row, "lambda"), base, rtol=0, atol=0)
+        assert "e_t" not in row and "coh" not in row
     rows = runs["david"]
-    lams = torch.stack([lam(r) for r in rows])
+    lams = torch.stack([per_block(r, "lambda") for r in rows])
+    assert ((lams >= 0.5) & (lams <= 3.0)).all()
     assert (lams / base).std(dim=1).min() > 1e-4, "lambda_b / w_b is the same for every block"
     assert (lams[1:] - lams[:-1]).abs().max() > 1e-6, "lambda_b does not change over training"
     for signal in ("e_t", "e_p", "coh"):
-        values = torch.tensor([[r[f"{signal}/{b}"] for b in BLOCK_NAMES] for r in rows])
-        assert values.std() > 0, f"{signal} is constant"
+        values = torch.stack([per_block(r, signal) for r in rows])
+        assert ((values >= 0) & (values <= 1)).all()
+        assert (values[1:] - values[:-1]).abs().max() > 1e-6, f"{signal} is constant over training"
+        assert values.std(dim=1).max() > 1e-6, f"{signal} is the same for every block"
+    assert (tmp_path / "david" / "lambda.png").is_file()

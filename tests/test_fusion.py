@@ -67,3 +67,22 @@ def test_bad_signals():
         fuse_block_weights(W, torch.zeros(9), torch.zeros(9), torch.ones(8), cfg)
     with pytest.raises(TypeError):
         fuse_block_weights(W, torch.zeros(9), torch.zeros(9), torch.ones(9), {"alpha": 0.5})
+
+
+def test_none_gives_base_weights_exactly_and_zero_signals_fuse_to_the_same():
+    from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS
+    from flow_lune.training.weighting import ConstantBlockWeighting, build_block_weighting
+
+    none = build_block_weighting("none", BASE_BLOCK_WEIGHTS, FusionConfig(), "cpu")
+    assert isinstance(none, ConstantBlockWeighting)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # whatever the features and sigma
+        f = [torch.randn(2, c, generator=g) for c in (32, 32, 64, 64, 64, 64, 64, 32, 32)]
+        out = none(f, [x.flip(0) for x in f], torch.rand(2, generator=g))
+        torch.testing.assert_close(out.lam, W, rtol=0, atol=0)
+        assert out.e_t is None and out.e_p is None and out.coh is None
+    # an assessor with all signals at zero (e_t = e_p = 0, coh = 1) gives the same lambda_b as none
+    lam = fuse_block_weights(
+        torch.tensor(BASE_BLOCK_WEIGHTS), torch.zeros(9), torch.zeros(9), torch.ones(9), FusionConfig()
+    )
+    torch.testing.assert_close(lam, out.lam, rtol=0, atol=0)
