@@ -142,9 +142,11 @@ def teacher_query(x_sigma: torch.Tensor, sigma: torch.Tensor, schedule: TeacherS
     """The teacher's input and continuous timestep for flow states ``x_sigma`` at per-sample ``sigma`` (B,).
 
     Outside [sigma(0), sigma(T-1)] the timestep clamps to 0 or T-1, as DESIGN.md section 2 says.
+    ``t`` is computed from ``sigma`` at its own precision (not ``x_sigma``'s) and kept at least float32:
+    fp16 resolves sigma only to about 5e-4 and t only to half a step near 999.
     """
-    sigma = torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device).expand(x_sigma.shape[0])
-    # Timesteps stay at least float32: fp16 cannot resolve fractions of a step near t = 999.
+    sigma = torch.as_tensor(sigma, device=x_sigma.device)
+    sigma = (sigma if sigma.is_floating_point() else sigma.double()).expand(x_sigma.shape[0])
     t = t_from_sigma(sigma, schedule).to(torch.promote_types(x_sigma.dtype, torch.float32))
     return TeacherQuery(x_t=teacher_input(x_sigma, sigma), t=t)
 
@@ -217,7 +219,7 @@ class EpsilonToFlowUNet(nn.Module):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         timestep = torch.as_tensor(timestep, device=sample.device)
-        sigma = (timestep.to(torch.float64) / self.flow_timesteps).expand(sample.shape[0]).to(sample.dtype)
+        sigma = (timestep.to(torch.float64) / self.flow_timesteps).expand(sample.shape[0])  # float64 for t(sigma)
         query = teacher_query(sample, sigma, self.schedule)
         eps_hat = self.unet(query.x_t, query.t, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
         v = velocity_from_eps(sample, sigma, eps_hat.to(sample.dtype), self.schedule)

@@ -180,3 +180,24 @@ def test_wrapped_tiny_unet_through_flow_scheduler_is_ddim(tiny_components):
     rel = ((x - x_t).abs().max() / x_t.abs().max()).item()
     assert rel < 1e-5, rel
     assert math.isfinite(rel)
+
+
+def test_wrapper_queries_the_teacher_at_full_timestep_precision_for_half_samples(schedule):
+    """fp16 samples must not round sigma (5e-4 resolution) before t(sigma) is computed."""
+    seen = {}
+
+    class RecordingUNet(torch.nn.Module):
+        config = None
+        dtype = torch.float16
+
+        def forward(self, x_t, t, encoder_hidden_states, return_dict=False):
+            seen["t"], seen["x_t"] = t, x_t
+            return (torch.zeros_like(x_t),)
+
+    wrapper = EpsilonToFlowUNet(RecordingUNet(), SD15_SCHEDULER_CONFIG)
+    timestep = torch.tensor(501.2345, dtype=torch.float32)
+    x = torch.ones(2, 4, 2, 2, dtype=torch.float16)
+    wrapper(x, timestep, encoder_hidden_states=None)
+    expected = t_from_sigma(timestep.double() / 1000, schedule).float()
+    assert seen["t"].dtype == torch.float32 and seen["x_t"].dtype == torch.float16
+    torch.testing.assert_close(seen["t"], expected.expand(2), rtol=0, atol=1e-4)
