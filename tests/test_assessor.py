@@ -248,10 +248,10 @@ def test_save_load_round_trip_and_refusals(trained, tmp_path):
 
     state = load_file(str(folder / "model.safetensors"))
     cases = {
-        "missing": {k: v for k, v in state.items() if k != "blocks.3.timestep_head.weight"},
-        "unexpected": {**state, "module.blocks.0.embed.0.weight": state["blocks.0.embed.0.weight"].clone()},
+        "missing": {k: v for k, v in state.items() if k != "blocks.3.heads.weight"},
+        "unexpected": {**state, "module.blocks.0.inp.weight": state["blocks.0.inp.weight"].clone()},
         "renamed": {("module." + k if k.startswith("blocks.0.") else k): v for k, v in state.items()},
-        "shape": {**state, "blocks.0.pattern_head.bias": torch.zeros(11)},
+        "shape": {**state, "blocks.0.heads.bias": torch.zeros(111)},
     }
     for name, bad in cases.items():
         save_file(bad, str(folder / "model.safetensors"))

@@ -211,7 +211,7 @@ class CompanionOutput:
 
 
 class BlockCompanion(nn.Module):
-    """The companion of one block: standardise, then an embedding branch and a two-headed trunk."""
+    """The companion of one block: standardise, then an embedding branch and a two-headed trunk (MLPs, SiLU)."""
 
     def __init__(self, channels: int, hidden_dim: int, embed_dim: int, num_bins: int, num_patterns: int):
         super().__init__()
@@ -220,20 +220,25 @@ class BlockCompanion(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
         self.register_buffer("centroids", torch.zeros(num_patterns, channels))  # k-means, standardised space
-        self.embed = nn.Sequential(nn.Linear(channels, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, embed_dim))
-        self.trunk = nn.Sequential(nn.Linear(channels, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
-        self.timestep_head = nn.Linear(hidden_dim, num_bins)
-        self.pattern_head = nn.Linear(hidden_dim, num_patterns)
+        self.num_bins = num_bins
+        # The embedding branch and the trunk have separate hidden layers; their first layers and the two heads are
+        # each fused into one Linear, so a call costs few ops (the assessor runs every training step).
+        self.inp = nn.Linear(channels, 2 * hidden_dim)  # [embedding branch | trunk]
+        self.embed_out = nn.Linear(hidden_dim, embed_dim)
+        self.trunk_out = nn.Linear(hidden_dim, hidden_dim)
+        self.heads = nn.Linear(hidden_dim, num_bins + num_patterns)  # [timestep head | pattern head]
 
     def standardise(self, pooled: torch.Tensor) -> torch.Tensor:
         return (pooled.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
 
-    def embedding(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.embed(self.standardise(pooled)), dim=-1)
-
     def forward(self, pooled: torch.Tensor) -> CompanionOutput:
-        h = F.silu(self.trunk(self.standardise(pooled)))
-        return CompanionOutput(self.embedding(pooled), self.timestep_head(h), self.pattern_head(h))
+        h_embed, h_trunk = F.silu(self.inp(self.standardise(pooled))).chunk(2, dim=-1)
+        logits = self.heads(F.silu(self.trunk_out(h_trunk)))
+        z = F.normalize(self.embed_out(h_embed), dim=-1)
+        return CompanionOutput(z, logits[:, : self.num_bins], logits[:, self.num_bins :])
+
+    def embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.forward(pooled).embedding
 
     def pattern_labels(self, pooled: torch.Tensor) -> torch.Tensor:
         """Nearest centroid of the standardised features: the k-means pattern of each sample."""
@@ -310,13 +315,17 @@ class Assessor(nn.Module):
         if sigma.numel() != batch:
             raise ValueError(f"sigma has {sigma.numel()} values for a batch of {batch}; pass one per sample.")
         bins = sigma_to_bin(sigma, self.config.num_bins)
-        e_t, e_p, coh = [], [], []
-        for block, fs, ft in zip(self.blocks, student_pooled, teacher_pooled):
-            out = block(self._to(fs))
-            e_t.append(timestep_error(out.timestep_logits, bins).mean())
-            e_p.append(pattern_entropy(out.pattern_logits).mean())
-            coh.append(coherence(out.embedding, block.embedding(self._to(ft))).mean())
-        return AssessorSignals(torch.stack(e_t), torch.stack(e_p), torch.stack(coh))
+        # one pass per block over [student; teacher], then the three formulas once over all blocks
+        outs = [
+            block(self._to(torch.cat([fs, ft]))) for block, fs, ft in zip(self.blocks, student_pooled, teacher_pooled)
+        ]
+        t_logits = torch.stack([o.timestep_logits[:batch] for o in outs])  # (num_blocks, B, num_bins)
+        p_logits = torch.stack([o.pattern_logits[:batch] for o in outs])  # (num_blocks, B, num_patterns)
+        z = torch.stack([o.embedding for o in outs])  # (num_blocks, 2B, embed_dim)
+        e_t = timestep_error(t_logits.flatten(0, 1), bins.repeat(len(outs))).view(len(outs), batch).mean(1)
+        e_p = pattern_entropy(p_logits).mean(1)
+        coh = coherence(z[:, :batch], z[:, batch:]).mean(1)
+        return AssessorSignals(e_t, e_p, coh)
 
     # ------------------------------------------------------------------------------------------- I/O
 
