@@ -128,9 +128,14 @@ def test_lora_run_exports_a_plain_unet(tmp_path, cache_dir):
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "lora"
-    pipeline_dir = run(out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps", "2", "--lora_rank", "4",
-                       "--no_single_file")  # fmt: skip
+    pipeline_dir = run(
+        out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps", "2", "--lora_rank", "4",
+        "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear", "--no_single_file",
+    )  # fmt: skip
     assert (out / "checkpoint-2" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # 4 batches, 2 per optimizer step
+    assert records[0]["lr"] == pytest.approx(0.5e-4) and records[1]["lr"] == 0.0  # linear decay over 2 real steps
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     assert not any("lora" in k for k in unet.state_dict())
 
