@@ -5,7 +5,7 @@ Prints, in one process:
 1. tiny configuration (tiny teacher and student, 8x8 latents, batch ``--batch_size``): one full distillation
    step (``objective.distillation_loss`` + backward + fused AdamW) with ``ConstantBlockWeighting`` (A, the
    ``--assessor none`` control) and with ``AssessorBlockWeighting`` (B), alternated A/B over ``--runs`` runs of
-   ``--steps`` steps: medians, minima, and B/A - 1; plus the weighting call alone over the A step time.
+   ``--steps`` steps (order ABBA...): medians, minima, and B/A - 1; plus the weighting call alone over the A step time.
 2. with ``--sd15``: the assessor at SD1.5 channel counts (hidden 256, embed 64) on SD1.5-sized pooled
    features, against one forward of a randomly initialised full SD1.5 UNet at 32x32 latents, batch 1, fp32
    (measured alternately in this run). A training step holds at least one teacher forward plus a student
@@ -83,8 +83,9 @@ def bench_tiny(runs: int, steps: int, batch_size: int) -> None:
     with BlockFeatureHooks(student) as s_hooks, BlockFeatureHooks(teacher) as t_hooks:
         for w in weightings.values():  # warm-up
             step(w)
-        for _ in range(runs):
-            for name, w in weightings.items():
+        for r in range(runs):  # A B, then B A: no order bias
+            order = list(weightings.items()) if r % 2 == 0 else list(reversed(weightings.items()))
+            for name, w in order:
                 times[name].append(statistics.median(step(w) for _ in range(steps)))
         # the weighting call alone, on pooled features of the tiny UNet's shapes
         pooled = [torch.randn(batch_size, c, generator=g) for c in block_channels(teacher)]
