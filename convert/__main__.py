@@ -29,7 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="local diffusers folder with the UNet config, for SRC without one")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     p.add_argument("--ema", choices=["use", "drop"], help="what to do with EMA weights (unet_ema/, model_ema.*)")
-    p.add_argument("--shift", type=float, help="sigma shift of the model (default: SRC scheduler's, else 3.0)")
+    p.add_argument(
+        "--shift",
+        type=float,
+        help="sigma shift of the flow student (default: SRC scheduler's, else 3.0). Given explicitly it also "
+        "declares SRC's UNet a Flow Lune student: needed when SRC's scheduler is an epsilon/v-prediction teacher "
+        "scheduler (PNDM, DDIM, ... with beta_schedule), which is otherwise refused so that a teacher is never "
+        "labelled prediction_type 'flow'",
+    )
     p.add_argument("--cfg", type=float, default=4.5, help="guidance scale for the workflow (default 4.5)")
     p.add_argument("--steps", type=int, default=20, help="Euler steps for the workflow (default 20)")
     p.add_argument("--title", help="modelspec.title (default: DST's name)")
@@ -46,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     p.add_argument("--ema", choices=["use", "drop"], help="what to do with model_ema.* keys")
+    p.add_argument(
+        "--shift",
+        type=float,
+        help="write a FlowLunePipeline with FlowLuneScheduler(shift) even without the file's Flow Lune header "
+        "(default: a file with modelspec.prediction_type 'flow' / flow_lune.shift gives a FlowLunePipeline with "
+        "its shift, any other a StableDiffusionPipeline)",
+    )
     _common(p)
 
     # ---- inspect
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 config=args.config,
                 dtype=args.dtype,
                 ema=args.ema,
+                shift=args.shift,
                 overwrite=args.overwrite,
                 allow_pickle=args.allow_pickle,
                 progress=not args.no_progress,

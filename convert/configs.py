@@ -68,3 +68,50 @@ def _looks_like(component: str, config: dict) -> bool:
 def clean_config(config: dict) -> dict:
     """``config`` without the private keys (``_class_name`` and such) that ``from_config`` adds back."""
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------- Flow Lune student vs. epsilon teacher
+
+FLOW_TRAIN_TIMESTEPS = 1000  # the single file's convention: timestep = 1000 * sigma (metadata.FLOW_CONVENTION)
+TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what DDPM-family schedulers predict
+
+
+def flow_scheduler_config(shift: float) -> dict:
+    """The ``scheduler_config.json`` of a Flow Lune student: ``FlowLuneScheduler(num_train_timesteps=1000, shift)``."""
+    from flow_lune.schedulers import FlowLuneScheduler
+
+    scheduler = FlowLuneScheduler(num_train_timesteps=FLOW_TRAIN_TIMESTEPS, shift=float(shift))
+    return json.loads(scheduler.to_json_string())  # the same JSON that save_pretrained writes
+
+
+def flow_model_index(tokenizer: bool) -> dict:
+    """``model_index.json`` of a FlowLunePipeline folder, as ``FlowLunePipeline.save_pretrained`` records it.
+
+    The scheduler is a class outside diffusers, so diffusers records it by module path
+    (``flow_lune.schedulers.scheduling_flow_lune``) and finds it once ``flow_lune.pipelines`` is imported.
+    """
+    from flow_lune.schedulers import FlowLuneScheduler
+
+    return {
+        "_class_name": "FlowLunePipeline",
+        "scheduler": [FlowLuneScheduler.__module__, FlowLuneScheduler.__name__],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if tokenizer else [None, None],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def teacher_scheduler(config: dict | None) -> str | None:
+    """``"PNDMScheduler (prediction_type 'epsilon')"`` when ``config`` is an epsilon/v/sample DDPM-family scheduler.
+
+    That is a teacher's scheduler (it has ``beta_schedule`` or a DDPM ``prediction_type``), not a Flow
+    Lune student's (``FlowLuneScheduler``/``FlowMatchEulerDiscreteScheduler`` have neither). None otherwise.
+    """
+    if not config:
+        return None
+    prediction = config.get("prediction_type")
+    if prediction not in TEACHER_PREDICTION_TYPES and "beta_schedule" not in config:
+        return None
+    shown = repr(prediction) if prediction else "not set, 'epsilon' by diffusers' default"
+    return f"{config.get('_class_name', 'a scheduler without _class_name')} (prediction_type {shown})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 
+from .errors import ConversionError
 from .hashing import PLACEHOLDER
 
 MODELSPEC_VERSION = "1.0.0"
@@ -17,6 +18,8 @@ ARCHITECTURE = "stable-diffusion-v1"
 IMPLEMENTATION = "https://github.com/CompVis/stable-diffusion"  # the LDM key layout of the file
 PREDICTION_TYPE = "flow"  # rectified flow: v = eps - x0 on x_sigma = (1 - sigma) x0 + sigma eps
 FLOW_CONVENTION = "x_sigma=(1-sigma)*x0+sigma*eps; output v=eps-x0; timestep=1000*sigma; sigma'=s*sigma/(1+(s-1)*sigma)"
+SHIFT_KEY = "flow_lune.shift"
+PREDICTION_TYPE_KEY = "modelspec.prediction_type"
 SOURCE_HASH_KEY = "flow_lune.source_sha256"
 SOURCE_FILES_KEY = "flow_lune.source_files"
 
@@ -47,7 +50,7 @@ def single_file_metadata(
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": PREDICTION_TYPE,
+        PREDICTION_TYPE_KEY: PREDICTION_TYPE,
         "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.description": (
             f"Flow Lune rectified-flow SD1.5 student. Sample with flow-matching Euler, shift {shift:g}, cfg {cfg:g}; "
@@ -55,7 +58,7 @@ def single_file_metadata(
         ),
         "flow_lune.version": __version__,
         "flow_lune.prediction": FLOW_CONVENTION,
-        "flow_lune.shift": repr(float(shift)),
+        SHIFT_KEY: repr(float(shift)),
         "flow_lune.cfg": repr(float(cfg)),
         "flow_lune.steps": str(int(steps)),
         "flow_lune.components": ",".join(components),
@@ -73,3 +76,32 @@ def single_file_metadata(
 def hash_values(per_file: dict[str, str], combined: str) -> dict[str, str]:
     """The metadata values that replace the placeholders, of the same lengths."""
     return {SOURCE_HASH_KEY: combined, SOURCE_FILES_KEY: json.dumps(per_file, sort_keys=True)}
+
+
+def flow_shift(metadata: dict[str, str], origin: str) -> float | None:
+    """The shift a Flow Lune single file declares in its header, or None for a file that is not one.
+
+    A file is a Flow Lune student when ``modelspec.prediction_type`` is ``flow`` and/or it carries
+    ``flow_lune.shift`` (what :func:`single_file_metadata` writes). A flow file without a shift, an
+    unreadable shift, or a shift beside another prediction type is an error that names ``--shift``.
+    """
+    prediction, raw = metadata.get(PREDICTION_TYPE_KEY), metadata.get(SHIFT_KEY)
+    if raw is None:
+        if prediction != PREDICTION_TYPE:
+            return None
+        raise ConversionError(
+            f"{origin}: {PREDICTION_TYPE_KEY} is {PREDICTION_TYPE!r} but the header has no {SHIFT_KEY}; "
+            "pass --shift S (the student's sigma shift) to say how to sample it"
+        )
+    if prediction is not None and prediction != PREDICTION_TYPE:
+        raise ConversionError(
+            f"{origin}: the header says {PREDICTION_TYPE_KEY} {prediction!r} but also carries {SHIFT_KEY} {raw!r}; "
+            "pass --shift S if this is a Flow Lune student, or remove the flow_lune.* keys if it is not"
+        )
+    try:
+        shift = float(raw)
+    except ValueError:
+        shift = float("nan")
+    if not shift > 0 or shift == float("inf"):
+        raise ConversionError(f"{origin}: header {SHIFT_KEY} {raw!r} is not a positive number; pass --shift S")
+    return shift

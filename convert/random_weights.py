@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .architecture import TEXT_MODEL_PREFIX, expected_shapes, text_keys_carry_text_model
-from .configs import builtin_config
+from .configs import builtin_config, flow_model_index, flow_scheduler_config
 
 WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -51,8 +51,13 @@ def write_random_pipeline(
     seed: int = 0,
     components: tuple[str, ...] = ("unet", "vae", "text_encoder"),
     tokenizer_folder: str | os.PathLike | None = None,
+    shift: float = 3.0,  # the student's default training shift (DESIGN.md section 1)
 ) -> Path:
-    """Write a diffusers folder of random full-size SD1.5 components (configs from ``configs/sd15``)."""
+    """Write a FlowLunePipeline folder of random full-size SD1.5 components (configs from ``configs/sd15``).
+
+    The random weights stand in for a trained student, so the folder has the student's scheduler
+    (``FlowLuneScheduler(shift)``) and model index, as ``FlowLunePipeline.save_pretrained`` writes them.
+    """
     folder = Path(folder)
     for i, name in enumerate(components):
         config = builtin_config(name)
@@ -64,22 +69,11 @@ def write_random_pipeline(
         del state
     scheduler = folder / "scheduler"
     scheduler.mkdir(exist_ok=True)
-    (scheduler / "scheduler_config.json").write_text(json.dumps(builtin_config("scheduler"), indent=2) + "\n")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": [None, None],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+    (scheduler / "scheduler_config.json").write_text(json.dumps(flow_scheduler_config(shift), indent=2) + "\n")
     if tokenizer_folder is not None:
         import shutil
 
         shutil.copytree(tokenizer_folder, folder / "tokenizer", dirs_exist_ok=True)
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    index = flow_model_index(tokenizer=tokenizer_folder is not None)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder

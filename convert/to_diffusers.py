@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .accounting import plan_component, read_position
 from .architecture import text_keys_carry_text_model
-from .configs import builtin_config, folder_config, read_json
+from .configs import builtin_config, flow_model_index, flow_scheduler_config, folder_config, read_json
 from .errors import ConversionError
+from .metadata import flow_shift
 from .sfio import OutTensor, verify_written, write_safetensors
 from .sources import open_ldm_source, resolve_path
 from .to_single_file import DTYPES, ConversionResult, _out_dtype, _progress_bar
@@ -50,6 +51,7 @@ def convert_to_diffusers(
     config: str | os.PathLike | None = None,
     dtype: str | None = None,
     ema: str | None = None,
+    shift: float | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
@@ -59,6 +61,11 @@ def convert_to_diffusers(
     A full file gives a pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``, and
     ``tokenizer/`` when ``config`` has one); a UNet-only file gives a UNet folder. Configs come from
     ``config`` (a local diffusers folder) or the built-in SD1.5 ones.
+
+    The pipeline is a ``FlowLunePipeline`` with ``FlowLuneScheduler(shift)`` when the file is a Flow
+    Lune student (header ``modelspec.prediction_type`` ``flow`` and/or ``flow_lune.shift``, see
+    :func:`flow_lune.convert.metadata.flow_shift`) or when ``shift`` is given; otherwise a
+    ``StableDiffusionPipeline`` with the scheduler of ``config`` (default SD1.5's PNDM).
     """
     src, dst = resolve_path(src), resolve_path(dst)
     if ema not in (None, "use", "drop"):
@@ -69,10 +76,17 @@ def convert_to_diffusers(
     config_dir = resolve_path(config) if config is not None else None
     if config_dir is not None and not config_dir.is_dir():
         raise ConversionError(f"--config {config_dir} is not a folder; give a local diffusers folder")
+    if shift is not None and not 0 < shift < float("inf"):
+        raise ConversionError(f"--shift {shift}: need a positive number (the student's sigma shift)")
     scheduler_config = (folder_config(config_dir, "scheduler") if config_dir else None) or builtin_config("scheduler")
     source = open_ldm_source(src, ema=ema, allow_pickle=allow_pickle, scheduler_config=scheduler_config)
     full = "vae" in source.components
     out_dtype = DTYPES.get(dtype) if dtype else None
+    notes = list(source.notes)
+    if not full and shift is not None:
+        raise ConversionError(f"--shift is for a full file; {src} is UNet-only and gives a UNet folder, no scheduler")
+    if full:
+        shift, scheduler_config = _pipeline_scheduler(source.metadata, shift, scheduler_config, config_dir, src, notes)
 
     # 1. Account for every key before anything is written.
     plans, configs = {}, {}
@@ -99,10 +113,9 @@ def convert_to_diffusers(
                     cfg["dtype"] = str(out_dtype).removeprefix("torch.")
                 (part / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         if full:
-            _write_pipeline_extras(folder, config_dir, scheduler_config)
+            _write_pipeline_extras(folder, config_dir, scheduler_config, flow=shift is not None)
 
     atomic_folder(dst, fill)
-    notes = list(source.notes)
     if full and not (dst / "tokenizer").is_dir():
         notes.append(
             "no tokenizer/ written (no --config folder with one): pass tokenizer=CLIPTokenizer(...) to "
@@ -119,17 +132,62 @@ def convert_to_diffusers(
     )
 
 
-def _write_pipeline_extras(folder: Path, config_dir: Path | None, scheduler_config: dict) -> None:
-    """scheduler/, tokenizer/ (copied from ``config_dir`` if it has one) and model_index.json."""
+def _pipeline_scheduler(
+    metadata: dict[str, str],
+    shift: float | None,
+    scheduler_config: dict,
+    config_dir: Path | None,
+    src: Path,
+    notes: list[str],
+) -> tuple[float | None, dict]:
+    """``(shift, scheduler config)`` of the pipeline folder: a Flow Lune student's, or None and ``scheduler_config``."""
+    if shift is not None:
+        declared = metadata.get("flow_lune.shift")
+        said = f" (the header says flow_lune.shift {declared})" if declared and declared != repr(float(shift)) else ""
+        notes.append(
+            f"--shift {shift:g} given{said}: written as a Flow Lune student, FlowLuneScheduler(shift={shift:g})"
+        )
+        return float(shift), flow_scheduler_config(shift)
+    shift = flow_shift(metadata, str(src))
+    if shift is not None:
+        notes.append(
+            f"{src.name} is a Flow Lune student (header flow_lune.shift / prediction_type flow): FlowLunePipeline "
+            f"folder with FlowLuneScheduler(shift={shift:g}); load it with flow_lune.pipelines.FlowLunePipeline"
+        )
+        return shift, flow_scheduler_config(shift)
+    import diffusers
+
+    name = str(scheduler_config.get("_class_name", "PNDMScheduler"))
+    if not hasattr(diffusers, name):
+        raise ConversionError(
+            f"{src} has no Flow Lune header (modelspec.prediction_type 'flow' / flow_lune.shift), so it becomes a "
+            f"StableDiffusionPipeline, but the scheduler of --config {config_dir} is {name}, not a diffusers "
+            "scheduler; pass --shift S if the file is a Flow Lune student, or give --config an SD1.5 folder"
+        )
+    return None, scheduler_config
+
+
+def _write_pipeline_extras(folder: Path, config_dir: Path | None, scheduler_config: dict, flow: bool) -> None:
+    """scheduler/, tokenizer/ (copied from ``config_dir`` if it has one) and model_index.json.
+
+    ``flow``: a FlowLunePipeline folder (its own model index); else a StableDiffusionPipeline one.
+    """
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
+    tokenizer = config_dir is not None and (config_dir / "tokenizer").is_dir()
+    if tokenizer:
+        shutil.copytree(config_dir / "tokenizer", folder / "tokenizer")
+    if flow:
+        index = flow_model_index(tokenizer)
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return
     index = dict(MODEL_INDEX)
     if config_dir is not None and (config_dir / "model_index.json").is_file():
         index = read_json(config_dir / "model_index.json")
+        if index.get("_class_name") != "StableDiffusionPipeline":  # e.g. a FlowLunePipeline folder as --config
+            index = {**MODEL_INDEX, "tokenizer": index.get("tokenizer", MODEL_INDEX["tokenizer"])}
     index["scheduler"] = ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")]
-    if config_dir is not None and (config_dir / "tokenizer").is_dir():
-        shutil.copytree(config_dir / "tokenizer", folder / "tokenizer")
-    else:
+    if not tokenizer:
         index["tokenizer"] = [None, None]
     for optional in ("safety_checker", "feature_extractor", "image_encoder"):
         if optional in index and not (folder / optional).is_dir():

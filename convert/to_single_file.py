@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .accounting import Planned, plan_component, read_position
-from .configs import builtin_config, folder_config
+from .configs import builtin_config, folder_config, teacher_scheduler
 from .errors import ConversionError
 from .hashing import SourceHasher, combined_sha256, relative_names
 from .keymaps import LDM_PREFIXES, TEXT_PREFIX
@@ -121,6 +121,9 @@ def convert_to_single_file(
     Every source key maps to exactly one destination key and every destination key is filled
     (else a ConversionError lists the keys); the file is streamed to a temporary name, re-opened
     and checked, then renamed. Beside it goes a ComfyUI workflow that applies the model's shift.
+
+    The file is labelled a flow model, so a pipeline folder whose scheduler is an epsilon/v-prediction
+    DDPM-family one (a teacher) is refused unless ``shift`` is given, which declares the UNet a student.
     """
     src, dst = resolve_path(src), resolve_path(dst)
     if ema not in (None, "use", "drop"):
@@ -145,6 +148,16 @@ def convert_to_single_file(
     source = open_diffusers_source(src, ema=ema, allow_pickle=allow_pickle, unet_config=unet_config)
     components = dict(source.components)
     files, notes = list(source.files), list(source.notes)
+    teacher = teacher_scheduler(source.scheduler_config)
+    if teacher is not None and shift is None:
+        raise ConversionError(
+            f"SRC {src}: its scheduler is {teacher}, a DDPM-family SD1.5 scheduler: this is an epsilon/v-prediction "
+            "SD1.5 pipeline (a teacher), not a Flow Lune student, and its file would be mislabelled "
+            "modelspec.prediction_type 'flow'. Convert the student's output folder (scheduler FlowLuneScheduler), "
+            "or, if this UNet is a flow student saved with the teacher's scheduler, pass --shift S (its sigma shift)"
+        )
+    if teacher is not None:
+        notes.append(f"SRC's scheduler is {teacher}; --shift {shift:g} given, so its UNet is written as a flow student")
     if base is not None:
         if "vae" in components:
             raise ConversionError(f"--base is only for a UNet-only SRC; {src} already holds a VAE and text encoder")

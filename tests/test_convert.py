@@ -26,8 +26,10 @@ from flow_lune.convert import (
 from flow_lune.convert.__main__ import main
 from flow_lune.convert.architecture import expected_shapes
 from flow_lune.convert.configs import builtin_config
-from flow_lune.tiny import tiny_unet
+from flow_lune.tiny import tiny_sd_components, tiny_unet
 
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny-tokenizer"
+STUDENT_SHIFT = 3.0  # the trainer's default shift; the metadata and workflow tests check it comes through
 COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHTS = {
     "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -48,11 +50,29 @@ def folder_entries(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
+def save_flow_lune_folder(folder: Path, shift: float, seed: int = 0) -> Path:
+    """A tiny FlowLunePipeline folder (the tiny SD1.5 weights of ``seed``, FlowLuneScheduler(shift)), as training
+    exports a student."""
+    from flow_lune.pipelines import FlowLunePipeline
+    from flow_lune.schedulers import FlowLuneScheduler
+
+    parts = tiny_sd_components(seed, tokenizer_folder=TOKENIZER_DIR).as_dict()
+    parts["scheduler"] = FlowLuneScheduler(shift=shift)
+    FlowLunePipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def tiny_file(tiny_pipeline_dir, tmp_path_factory) -> Path:
-    """The tiny pipeline as one original-layout file (fp32), written once for the module."""
+def student_dir(tmp_path_factory) -> Path:
+    """A tiny Flow Lune student pipeline folder (shift 3), written once for the module: what to-single-file takes."""
+    return save_flow_lune_folder(tmp_path_factory.mktemp("tiny-student") / "pipe", STUDENT_SHIFT)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(student_dir, tmp_path_factory) -> Path:
+    """The tiny student pipeline as one original-layout file (fp32), written once for the module."""
     dst = tmp_path_factory.mktemp("tiny-single") / "tiny.safetensors"
-    to_single(tiny_pipeline_dir, dst)
+    to_single(student_dir, dst)
     return dst
 
 
@@ -96,29 +116,29 @@ def test_key_tables_cover_sd15_and_tiny_exactly():
 
 
 @pytest.mark.parametrize("dtype", [None, "fp16"])
-def test_round_trip_is_bit_identical(tiny_pipeline_dir, tmp_path, dtype):
+def test_round_trip_is_bit_identical(student_dir, tmp_path, dtype):
     """diffusers -> single file -> diffusers gives back every tensor bit for bit (in the chosen dtype)."""
     single = tmp_path / "m.safetensors"
-    result = to_single(tiny_pipeline_dir, single, dtype=dtype)
-    assert result.num_tensors == sum(len(load_file(tiny_pipeline_dir / w)) for w in WEIGHTS.values()) + 1
+    result = to_single(student_dir, single, dtype=dtype)
+    assert result.num_tensors == sum(len(load_file(student_dir / w)) for w in WEIGHTS.values()) + 1
     back = tmp_path / "back"
-    to_diffusers(single, back, config=tiny_pipeline_dir, dtype=dtype)
+    to_diffusers(single, back, config=student_dir, dtype=dtype)
     cast = torch.float16 if dtype == "fp16" else torch.float32
     for name, rel in WEIGHTS.items():
-        original, restored = load_file(tiny_pipeline_dir / rel), load_file(back / rel)
+        original, restored = load_file(student_dir / rel), load_file(back / rel)
         original = {strip_text_model(k): v for k, v in original.items()}
         restored = {strip_text_model(k): v for k, v in restored.items()}
         assert original.keys() == restored.keys(), name
         for key in original:
             assert restored[key].dtype == cast
             assert torch.equal(restored[key], original[key].to(cast)), key
-    from diffusers import StableDiffusionPipeline
+    from flow_lune.pipelines import FlowLunePipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(back)  # loadable offline as it stands
+    pipe = FlowLunePipeline.from_pretrained(back)  # loadable offline as it stands (a flow file: a FlowLunePipeline)
     assert list(pipe.unet.config.block_out_channels) == [32, 32, 64, 64]
 
 
-def test_diffusers_from_single_file_reads_the_same_tensors(tiny_pipeline_dir, tiny_file):
+def test_diffusers_from_single_file_reads_the_same_tensors(tiny_pipeline_dir, student_dir, tiny_file):
     """diffusers' own loader (an independent key map) gives identical tensors and logs no unused keys."""
     from diffusers import StableDiffusionPipeline
 
@@ -135,13 +155,13 @@ def test_diffusers_from_single_file_reads_the_same_tensors(tiny_pipeline_dir, ti
     log = stream.getvalue().lower()
     assert "unexpected" not in log and "not used" not in log and "were not" not in log, log
     for name, rel in WEIGHTS.items():
-        expected = {strip_text_model(k): v for k, v in load_file(tiny_pipeline_dir / rel).items()}
+        expected = {strip_text_model(k): v for k, v in load_file(student_dir / rel).items()}
         got = {strip_text_model(k): v for k, v in getattr(pipe, name).state_dict().items()}
         assert expected.keys() == got.keys(), name
         assert all(torch.equal(got[k], expected[k]) for k in expected), name
 
 
-def test_single_file_layout_and_metadata(tiny_pipeline_dir, tiny_file):
+def test_single_file_layout_and_metadata(student_dir, tiny_file):
     with safe_open(str(tiny_file), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
         assert f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape() == [64, 64, 1, 1]
@@ -154,7 +174,7 @@ def test_single_file_layout_and_metadata(tiny_pipeline_dir, tiny_file):
     assert meta["modelspec.prediction_type"] == "flow"
     assert meta["modelspec.resolution"] == "64x64"
     assert float(meta["flow_lune.shift"]) == 3.0 and float(meta["flow_lune.cfg"]) == 4.5
-    per_file = {rel: hashlib.sha256((tiny_pipeline_dir / rel).read_bytes()).hexdigest() for rel in WEIGHTS.values()}
+    per_file = {rel: hashlib.sha256((student_dir / rel).read_bytes()).hexdigest() for rel in WEIGHTS.values()}
     assert json.loads(meta["flow_lune.source_files"]) == per_file
     manifest = "".join(f"{h}  {rel}\n" for rel, h in sorted(per_file.items()))
     assert meta["flow_lune.source_sha256"] == hashlib.sha256(manifest.encode()).hexdigest()
@@ -188,9 +208,9 @@ def test_workflow_applies_the_shift(tiny_file):
     assert {n["class_type"] for n in unet_only.values()} >= {"UNETLoader", "ModelSamplingSD3"}
 
 
-def test_shift_comes_from_the_scheduler_config(tiny_pipeline_dir, tmp_path):
+def test_shift_comes_from_the_scheduler_config(student_dir, tmp_path):
     pipe = tmp_path / "pipe"
-    shutil.copytree(tiny_pipeline_dir, pipe)
+    shutil.copytree(student_dir, pipe)
     sched = json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())
     sched["shift"] = 2.5
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
@@ -200,6 +220,111 @@ def test_shift_comes_from_the_scheduler_config(tiny_pipeline_dir, tmp_path):
     assert [n["inputs"]["shift"] for n in graph.values() if n["class_type"] == "ModelSamplingSD3"] == [2.5]
     explicit = to_single(pipe, tmp_path / "n.safetensors", shift=4.0, source_hash=False)
     assert explicit.metadata["flow_lune.shift"] == "4.0"
+
+
+# ---------------------------------------------------------------- Flow Lune student vs. epsilon teacher
+
+
+def flow_latents(pipe) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+def test_flow_file_to_diffusers_gives_a_flow_lune_pipeline(tmp_path):
+    """FlowLunePipeline folder -> single file -> to-diffusers: a FlowLunePipeline folder that samples the same."""
+    from flow_lune.pipelines import FlowLunePipeline
+    from flow_lune.schedulers import FlowLuneScheduler
+
+    student = save_flow_lune_folder(tmp_path / "student", shift=2.0, seed=4)
+    single = tmp_path / "student.safetensors"
+    to_single(student, single, write_workflow=False)
+    with safe_open(str(single), "pt") as f:
+        assert f.metadata()["flow_lune.shift"] == "2.0"
+    back = tmp_path / "back"
+    result = main(["to-diffusers", str(single), str(back), "--config", str(student), "--no-progress"])
+    assert result == 0
+    index, saved = (json.loads((d / "model_index.json").read_text()) for d in (back, student))
+    saved.pop("_diffusers_version")
+    assert index == saved  # the same model index FlowLunePipeline.save_pretrained writes
+    assert index["scheduler"] == ["flow_lune.schedulers.scheduling_flow_lune", "FlowLuneScheduler"]
+    sched = json.loads((back / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlowLuneScheduler"
+    assert sched["num_train_timesteps"] == 1000 and sched["shift"] == 2.0
+    assert (back / "tokenizer").is_dir()
+
+    loaded = FlowLunePipeline.from_pretrained(back)
+    assert type(loaded.scheduler) is FlowLuneScheduler and loaded.scheduler.config.shift == 2.0
+    reference = flow_latents(FlowLunePipeline.from_pretrained(student))
+    torch.testing.assert_close(flow_latents(loaded), reference, atol=0, rtol=0)
+
+
+def test_plain_sd_file_stays_a_stable_diffusion_pipeline(tiny_pipeline_dir, student_dir, tiny_file, tmp_path):
+    """Without the Flow Lune header a file gives today's StableDiffusionPipeline + PNDM; --shift opts in to flow."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from flow_lune.pipelines import FlowLunePipeline
+
+    plain = tmp_path / "plain.safetensors"
+    save_file(load_file(tiny_file), plain, metadata={"format": "pt"})  # an epsilon SD1.5 file has no flow header
+    back = tmp_path / "sd"
+    to_diffusers(plain, back, config=tiny_pipeline_dir)
+    index = json.loads((back / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"] == ["diffusers", "PNDMScheduler"]
+    assert json.loads((back / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert type(StableDiffusionPipeline.from_pretrained(back).scheduler) is PNDMScheduler
+
+    # --shift says the file is a flow student after all.
+    flow = to_diffusers(plain, tmp_path / "flow", config=tiny_pipeline_dir, shift=2.5)
+    assert FlowLunePipeline.from_pretrained(tmp_path / "flow").scheduler.config.shift == 2.5
+    assert any("--shift 2.5" in n for n in flow.notes)
+    # A header-less file with a Flow Lune --config: which pipeline is meant is unclear, so say how to choose.
+    dst = tmp_path / "d"
+    assert_refused(lambda: to_diffusers(plain, dst, config=student_dir), dst, "FlowLuneScheduler.*--shift")
+    # Broken or contradictory flow headers are refused, naming --shift.
+    for meta, match in [
+        ({"modelspec.prediction_type": "flow"}, "no flow_lune.shift.*--shift"),
+        ({"modelspec.prediction_type": "epsilon", "flow_lune.shift": "3.0"}, "'epsilon'.*flow_lune.shift.*--shift"),
+        ({"flow_lune.shift": "-1"}, "not a positive number.*--shift"),
+    ]:
+        bad = tmp_path / "bad.safetensors"
+        save_file(load_file(tiny_file), bad, metadata={"format": "pt", **meta})
+        assert_refused(lambda b=bad: to_diffusers(b, dst, config=tiny_pipeline_dir), dst, match)
+    # UNet-only output is unchanged; --shift there has nothing to go to.
+    unet_only = tmp_path / "u.safetensors"
+    to_single(student_dir / "unet", unet_only, write_workflow=False)
+    assert_refused(
+        lambda: to_diffusers(unet_only, dst, config=student_dir, shift=2.0), dst, "--shift is for a full file"
+    )
+
+
+def test_teacher_pipeline_is_not_labelled_flow(tiny_pipeline_dir, tmp_path, capsys):
+    """An epsilon/v-prediction SD1.5 pipeline (DDPM-family scheduler) is refused unless --shift says it is a student."""
+    dst = tmp_path / "out" / "x.safetensors"
+    dst.parent.mkdir()
+    assert_refused(
+        lambda: to_single(tiny_pipeline_dir, dst),
+        dst,
+        r"PNDMScheduler \(prediction_type 'epsilon'\).*not a Flow Lune student.*FlowLuneScheduler.*--shift S",
+    )
+    assert main(["to-single-file", str(tiny_pipeline_dir), str(dst), "--no-progress"]) == 2
+    assert "not a Flow Lune student" in capsys.readouterr().err and not dst.exists()
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_pipeline_dir, teacher)
+    sched_path = teacher / "scheduler" / "scheduler_config.json"
+    for cfg, match in [
+        ({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}, r"DDIMScheduler \(prediction_type 'v_"),
+        ({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"}, "'epsilon' by diffusers' def"),
+    ]:
+        sched_path.write_text(json.dumps(cfg))
+        assert_refused(lambda: to_single(teacher, dst), dst, match)
+    # The escape hatch: an explicit --shift declares the UNet a flow student.
+    result = to_single(tiny_pipeline_dir, dst, shift=3.0)
+    assert result.metadata["modelspec.prediction_type"] == "flow" and result.metadata["flow_lune.shift"] == "3.0"
+    assert any("PNDMScheduler" in n and "--shift 3" in n for n in result.notes)
+    # A FlowMatchEulerDiscreteScheduler folder is a flow model: accepted, its shift taken.
+    sched_path.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 2.0}))
+    flow = to_single(teacher, tmp_path / "fm.safetensors", write_workflow=False, source_hash=False)
+    assert flow.metadata["flow_lune.shift"] == "2.0"
 
 
 def test_unet_only_files(tiny_pipeline_dir, tmp_path):
@@ -340,7 +465,7 @@ def assert_refused(fn, dst: Path, match: str) -> None:
     assert after == before, f"left behind: {after - before}"
 
 
-def test_dropped_unet_key(tiny_pipeline_dir, tmp_path):
+def test_dropped_unet_key(tiny_pipeline_dir, student_dir, tmp_path):
     state = load_file(tiny_pipeline_dir / WEIGHTS["unet"])
     del state["mid_block.attentions.0.proj_out.bias"]
     folder = tmp_path / "unet"
@@ -351,7 +476,7 @@ def test_dropped_unet_key(tiny_pipeline_dir, tmp_path):
     dst.parent.mkdir()
     assert_refused(lambda: to_single(folder, dst), dst, r"missing 1 key: mid_block\.attentions\.0\.proj_out\.bias")
     ldm = modified_ldm(
-        _tiny_single(tiny_pipeline_dir, tmp_path), tmp_path, lambda s: s.pop("model.diffusion_model.out.2.bias")
+        _tiny_single(student_dir, tmp_path), tmp_path, lambda s: s.pop("model.diffusion_model.out.2.bias")
     )
     assert_refused(
         lambda: to_diffusers(ldm, tmp_path / "out" / "d", config=tiny_pipeline_dir),
@@ -360,16 +485,16 @@ def test_dropped_unet_key(tiny_pipeline_dir, tmp_path):
     )
 
 
-def _tiny_single(tiny_pipeline_dir: Path, tmp_path: Path) -> Path:
+def _tiny_single(student_dir: Path, tmp_path: Path) -> Path:
     path = tmp_path / "tiny-ok.safetensors"
     if not path.exists():
-        to_single(tiny_pipeline_dir, path, write_workflow=False, source_hash=False)
+        to_single(student_dir, path, write_workflow=False, source_hash=False)
     return path
 
 
-def test_renamed_vae_attention_key(tiny_pipeline_dir, tmp_path):
+def test_renamed_vae_attention_key(student_dir, tmp_path):
     pipe = tmp_path / "pipe"
-    shutil.copytree(tiny_pipeline_dir, pipe)
+    shutil.copytree(student_dir, pipe)
     vae_file = pipe / WEIGHTS["vae"]
     state = load_file(vae_file)
     state["encoder.mid_block.attentions.0.query.weight"] = state.pop("encoder.mid_block.attentions.0.to_q.weight")
@@ -383,8 +508,8 @@ def test_renamed_vae_attention_key(tiny_pipeline_dir, tmp_path):
     )
 
 
-def test_extra_unknown_key(tiny_pipeline_dir, tmp_path):
-    single = _tiny_single(tiny_pipeline_dir, tmp_path)
+def test_extra_unknown_key(tiny_pipeline_dir, student_dir, tmp_path):
+    single = _tiny_single(student_dir, tmp_path)
     ldm = modified_ldm(single, tmp_path, lambda s: s.__setitem__("lora_unet_foo.alpha", torch.ones(1)))
     dst = tmp_path / "d"
     assert_refused(lambda: to_diffusers(ldm, dst, config=tiny_pipeline_dir), dst, "lora_unet_foo.alpha")
@@ -392,8 +517,8 @@ def test_extra_unknown_key(tiny_pipeline_dir, tmp_path):
     assert_refused(lambda: to_diffusers(ldm2, dst, config=tiny_pipeline_dir), dst, r"unexpected 1 key: extra\.weight")
 
 
-def test_model_ema_needs_a_decision(tiny_pipeline_dir, tmp_path):
-    single = _tiny_single(tiny_pipeline_dir, tmp_path)
+def test_model_ema_needs_a_decision(tiny_pipeline_dir, student_dir, tmp_path):
+    single = _tiny_single(student_dir, tmp_path)
 
     def add_ema(state):
         for key in [k for k in state if k.startswith("model.diffusion_model.")]:
@@ -406,24 +531,24 @@ def test_model_ema_needs_a_decision(tiny_pipeline_dir, tmp_path):
     assert_refused(lambda: to_diffusers(ldm, dst, config=tiny_pipeline_dir), dst, "--ema use.*--ema drop")
     to_diffusers(ldm, tmp_path / "dropped", config=tiny_pipeline_dir, ema="drop")
     to_diffusers(ldm, tmp_path / "used", config=tiny_pipeline_dir, ema="use")
-    live = load_file(tiny_pipeline_dir / WEIGHTS["unet"])
+    live = load_file(student_dir / WEIGHTS["unet"])
     dropped, used = load_file(tmp_path / "dropped" / WEIGHTS["unet"]), load_file(tmp_path / "used" / WEIGHTS["unet"])
     assert all(torch.equal(dropped[k], live[k]) for k in live)
     assert all(torch.equal(used[k], live[k] + 1) for k in live)
 
 
-def test_v_pred_marker_is_refused(tiny_pipeline_dir, tmp_path):
+def test_v_pred_marker_is_refused(tiny_pipeline_dir, student_dir, tmp_path):
     ldm = modified_ldm(
-        _tiny_single(tiny_pipeline_dir, tmp_path), tmp_path, lambda s: s.__setitem__("v_pred", torch.tensor([]))
+        _tiny_single(student_dir, tmp_path), tmp_path, lambda s: s.__setitem__("v_pred", torch.tensor([]))
     )
     dst = tmp_path / "d"
     assert_refused(lambda: to_diffusers(ldm, dst, config=tiny_pipeline_dir), dst, "v_pred")
     assert "v_pred" in inspect_path(ldm).format()
 
 
-def test_pickle_named_safetensors(tiny_pipeline_dir, tmp_path):
+def test_pickle_named_safetensors(tiny_pipeline_dir, student_dir, tmp_path):
     fake = tmp_path / "fake.safetensors"
-    torch.save(load_file(_tiny_single(tiny_pipeline_dir, tmp_path)), fake)
+    torch.save(load_file(_tiny_single(student_dir, tmp_path)), fake)
     dst = tmp_path / "d"
     assert_refused(lambda: to_diffusers(fake, dst, config=tiny_pipeline_dir), dst, "pickle.*--allow-pickle")
     assert "PICKLE" in inspect_path(fake).kind
@@ -431,15 +556,15 @@ def test_pickle_named_safetensors(tiny_pipeline_dir, tmp_path):
     assert (dst / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     # Writing a pickle needs the flag too, and the .ckpt name.
     ckpt = tmp_path / "m.ckpt"
-    assert_refused(lambda: to_single(tiny_pipeline_dir, ckpt), ckpt, "--allow-pickle")
-    to_single(tiny_pipeline_dir, ckpt, allow_pickle=True, write_workflow=False)
+    assert_refused(lambda: to_single(student_dir, ckpt), ckpt, "--allow-pickle")
+    to_single(student_dir, ckpt, allow_pickle=True, write_workflow=False)
     assert "model.diffusion_model.conv_in.weight" not in torch.load(ckpt, weights_only=True)["state_dict"]
     assert "model.diffusion_model.input_blocks.0.0.weight" in torch.load(ckpt, weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])
-def test_truncated_or_corrupt_safetensors(tiny_pipeline_dir, tmp_path, damage):
-    raw = _tiny_single(tiny_pipeline_dir, tmp_path).read_bytes()
+def test_truncated_or_corrupt_safetensors(tiny_pipeline_dir, student_dir, tmp_path, damage):
+    raw = _tiny_single(student_dir, tmp_path).read_bytes()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(raw[: len(raw) - 1000] if damage == "truncate" else raw[:8] + b"[" + raw[9:])
     dst = tmp_path / "d"
@@ -493,13 +618,13 @@ def test_sdxl_and_sd2_are_refused(tmp_path):
     assert_refused(lambda: to_diffusers(sd2, tmp_path / "d"), tmp_path / "d", "SD2")
 
 
-def test_existing_destination_is_kept_unless_overwrite(tiny_pipeline_dir, tmp_path):
+def test_existing_destination_is_kept_unless_overwrite(tiny_pipeline_dir, student_dir, tmp_path):
     dst = tmp_path / "m.safetensors"
     dst.write_bytes(b"precious")
     with pytest.raises(ConversionError, match="already exists.*--overwrite"):
-        to_single(tiny_pipeline_dir, dst)
+        to_single(student_dir, dst)
     assert dst.read_bytes() == b"precious" and not dst.with_suffix(".workflow.json").exists()
-    to_single(tiny_pipeline_dir, dst, overwrite=True)
+    to_single(student_dir, dst, overwrite=True)
     assert dst.stat().st_size > 1000
     folder = tmp_path / "d"
     folder.mkdir()
@@ -512,28 +637,25 @@ def test_existing_destination_is_kept_unless_overwrite(tiny_pipeline_dir, tmp_pa
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_wrong_size_without_config_names_the_fix(tiny_pipeline_dir, tmp_path):
+def test_wrong_size_without_config_names_the_fix(student_dir, tmp_path):
     """A tiny file against the built-in SD1.5 config: shapes differ, and the message says to pass --config."""
-    single, dst = _tiny_single(tiny_pipeline_dir, tmp_path), tmp_path / "d"
+    single, dst = _tiny_single(student_dir, tmp_path), tmp_path / "d"
     assert_refused(lambda: to_diffusers(single, dst), dst, "--config")
 
 
 # ---------------------------------------------------------------- CLI and inspect
 
 
-def test_cli_errors_exit_2_without_traceback(tiny_pipeline_dir, tmp_path, capsys):
+def test_cli_errors_exit_2_without_traceback(student_dir, tmp_path, capsys):
     dst = tmp_path / "m.safetensors"
-    assert main(["to-single-file", str(tiny_pipeline_dir), str(dst), "--no-progress"]) == 0
-    assert main(["to-single-file", str(tiny_pipeline_dir), str(dst), "--no-progress"]) == 2
+    assert main(["to-single-file", str(student_dir), str(dst), "--no-progress"]) == 0
+    assert main(["to-single-file", str(student_dir), str(dst), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "Traceback" not in err
-    assert (
-        main(["inspect", str(dst), "--reference", str(tiny_pipeline_dir), "--config", str(tiny_pipeline_dir), "--json"])
-        == 0
-    )
+    assert main(["inspect", str(dst), "--reference", str(student_dir), "--config", str(student_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "LDM single file, full (SD1.5)" and report["reference"]["same"] is True
-    assert report["params"]["unet"] == sum(v.numel() for v in load_file(tiny_pipeline_dir / WEIGHTS["unet"]).values())
+    assert report["params"]["unet"] == sum(v.numel() for v in load_file(student_dir / WEIGHTS["unet"]).values())
     assert main(["to-diffusers", str(tmp_path / "missing.safetensors"), str(tmp_path / "d")]) == 2
 
 

@@ -71,18 +71,24 @@ def test_full_size_round_trip_and_diffusers_loader(big_tmp, dtype, components):
     del back
 
     # 2. diffusers' own from_single_file (an independent key map) reads the same tensors, no unused keys.
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from flow_lune.pipelines import FlowLunePipeline  # the random folder is a Flow Lune student's (FlowLuneScheduler)
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logging.getLogger("diffusers").addHandler(handler)
     try:
         if unet_only:
-            models = {"unet": UNet2DConditionModel.from_single_file(
-                str(single), config=str(src), subfolder="unet", local_files_only=True, torch_dtype=dtype)}
+            models = {
+                "unet": UNet2DConditionModel.from_single_file(
+                    str(single), config=str(src), subfolder="unet", local_files_only=True, torch_dtype=dtype
+                )
+            }
         else:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(single), config=str(src), local_files_only=True, safety_checker=None, torch_dtype=dtype)
+            pipe = FlowLunePipeline.from_single_file(
+                str(single), config=str(src), local_files_only=True, torch_dtype=dtype
+            )
             models = {name: getattr(pipe, name) for name in components}
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
