@@ -240,6 +240,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--hub_model_id is given without --push_to_hub; add --push_to_hub or drop the id.")
     if not args.validation_prompts:
         raise ValueError("--validation_prompts needs at least one prompt.")
+    teacher = args.pretrained_teacher_model
+    if teacher is not None:
+        looks_local = teacher.endswith((".safetensors", ".ckpt")) or teacher.startswith((".", "/", "~"))
+        if looks_local and not Path(teacher).expanduser().exists():
+            raise ValueError(f"--pretrained_teacher_model {teacher!r} does not exist; pass a folder, file or Hub id.")
     if args.pretrained_teacher_model is None and (args.revision or args.variant):
         raise ValueError("--revision/--variant need --pretrained_teacher_model.")
     data_args = argparse.Namespace(**vars(args))

@@ -250,6 +250,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, cache_dir, mon
         (["--lambda_min", "4"], "lam_min"),
         (["--assessor", "/nonexistent/assessor"], "not a folder"),
         (["--revision", "main"], "need --pretrained_teacher_model"),
+        (["--pretrained_teacher_model", "/nonexistent/teacher.safetensors"], "does not exist"),
     ],
 )
 def test_contradictory_flags_fail_before_any_work(tmp_path, cache_dir, extra, match):
