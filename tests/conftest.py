@@ -30,6 +30,17 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd15") / "pipe", seed=0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine two threads can be 100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     """``slow``: full-size conversions and the like, run only with FLOW_LUNE_SLOW=1."""
     config.addinivalue_line("markers", "slow: long tests, skipped unless FLOW_LUNE_SLOW=1")

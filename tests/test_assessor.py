@@ -86,9 +86,9 @@ def trained():
             opt.step()
             history.append(loss)
         assessor.eval().requires_grad_(False)
-        yield Trained(assessor, features, x0, prompt_embeds, history)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # restored before the session's other tests run
+    return Trained(assessor, features, x0, prompt_embeds, history)
 
 
 def states(t: Trained, sigma: float, seed: int = 1):

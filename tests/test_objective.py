@@ -30,13 +30,7 @@ from flow_lune.training.weighting import BlockWeights, ConstantBlockWeighting, b
 SCHEDULE = TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine two threads can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cond(batch: int, seed: int = 0) -> torch.Tensor:

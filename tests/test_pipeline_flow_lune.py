@@ -274,6 +274,13 @@ def test_non_flow_scheduler_is_refused(tiny_components):
 # --- saving and loading -------------------------------------------------------------------------------------
 
 
+def assert_same_weights(a: FlowLunePipeline, b: FlowLunePipeline) -> None:
+    for name in ("unet", "vae", "text_encoder"):
+        sd_a, sd_b = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sd_a.keys() == sd_b.keys(), name
+        assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), name
+
+
 def test_save_load_round_trip(tiny_components, tmp_path):
     pipe = make_pipe(tiny_components)
     ref = pipe("a cat", num_inference_steps=STEPS, generator=gen(0), output_type="np").images
@@ -287,8 +294,17 @@ def test_save_load_round_trip(tiny_components, tmp_path):
     loaded = FlowLunePipeline.from_pretrained(tmp_path / "student")
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is FlowLuneScheduler and loaded.scheduler.config.shift == SHIFT
+    assert_same_weights(pipe, loaded)
     out = loaded("a cat", num_inference_steps=STEPS, generator=gen(0), output_type="np").images
-    np.testing.assert_array_equal(out, ref)
+    # Loaded weights live in memory-mapped files at other alignments than freshly built ones, and
+    # single-threaded CPU kernels then sum in another order; the tiny random UNet amplifies that
+    # rounding to about 1e-3. A second round trip has the same file layout: bit-identical output.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=5e-3)
+    loaded.save_pretrained(tmp_path / "again")
+    again = FlowLunePipeline.from_pretrained(tmp_path / "again")
+    again.set_progress_bar_config(disable=True)
+    out_again = again("a cat", num_inference_steps=STEPS, generator=gen(0), output_type="np").images
+    np.testing.assert_array_equal(out_again, out)
 
 
 def test_flow_match_euler_folder_loads_with_the_shift_applied_once(tiny_components, tmp_path):
@@ -317,9 +333,8 @@ def test_diffusion_pipeline_reaches_it_through_custom_pipeline(tiny_components, 
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
     monkeypatch.setattr(sys, "path", list(sys.path))
-    pipe = make_pipe(tiny_components)
-    ref = latents_of(pipe)
-    pipe.save_pretrained(tmp_path / "student")
+    make_pipe(tiny_components).save_pretrained(tmp_path / "student")
+    ref = latents_of(FlowLunePipeline.from_pretrained(tmp_path / "student"))  # same files, same alignment
     loaded = DiffusionPipeline.from_pretrained(
         tmp_path / "student", custom_pipeline=pipeline_module.__file__, trust_remote_code=True
     )
