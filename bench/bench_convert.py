@@ -31,8 +31,11 @@ from flow_lune.convert import convert_to_single_file  # noqa: E402
 from flow_lune.convert.random_weights import write_random_pipeline  # noqa: E402
 from flow_lune.convert.sfio import OutTensor, header_bytes, tensor_bytes  # noqa: E402
 
-FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-         "text_encoder/model.safetensors")
+FILES = (
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+)
 
 
 def rss_bytes() -> tuple[int, int]:
@@ -130,22 +133,29 @@ def main() -> None:
                 elapsed = time.perf_counter() - t
             times[name].append(elapsed)
             mem[name].append((peak.extra_total, peak.extra_anon))
-            print(f"run {run}: {name:8s} {elapsed:6.2f} s  peak extra RSS {peak.extra_total / 1e9:.3f} GB "
-                  f"(anonymous {peak.extra_anon / 1e9:.3f} GB)", flush=True)
+            print(
+                f"run {run}: {name:8s} {elapsed:6.2f} s  peak extra RSS {peak.extra_total / 1e9:.3f} GB "
+                f"(anonymous {peak.extra_anon / 1e9:.3f} GB)",
+                flush=True,
+            )
             dst.unlink()  # a fresh DST each time (replacing an existing file adds an fsync)
             dst.with_suffix(".workflow.json").unlink(missing_ok=True)
 
     print()
     for name in sides:
-        print(f"{name:8s} median {statistics.median(times[name]):6.2f} s  min {min(times[name]):6.2f} s  "
-              f"peak extra RSS max {max(m[0] for m in mem[name]) / 1e9:.3f} GB "
-              f"(anonymous max {max(m[1] for m in mem[name]) / 1e9:.3f} GB)")
+        print(
+            f"{name:8s} median {statistics.median(times[name]):6.2f} s  min {min(times[name]):6.2f} s  "
+            f"peak extra RSS max {max(m[0] for m in mem[name]) / 1e9:.3f} GB "
+            f"(anonymous max {max(m[1] for m in mem[name]) / 1e9:.3f} GB)"
+        )
     for name in ("convert", "nohash"):
         ratio_median = statistics.median(times[name]) / statistics.median(times["plain"])
         ratio_min = min(times[name]) / min(times["plain"])
         pair_ratios = [c / p for c, p in zip(times[name], times["plain"])]
-        print(f"{name} / plain: median ratio {ratio_median:.2f}, min ratio {ratio_min:.2f}, "
-              f"per-pair ratios {', '.join(f'{r:.2f}' for r in pair_ratios)}")
+        print(
+            f"{name} / plain: median ratio {ratio_median:.2f}, min ratio {ratio_min:.2f}, "
+            f"per-pair ratios {', '.join(f'{r:.2f}' for r in pair_ratios)}"
+        )
     best = size / min(times["convert"]) / 1e9
     print(f"goal: ratio <= 1.2 and extra RSS < 0.5 GB; best convert throughput {best:.2f} GB/s")
 
