@@ -24,64 +24,23 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from flow_lune.training.cli import (
+    add_data_arguments,
+    add_sigma_arguments,
+    add_teacher_arguments,
+    check_shared_arguments,
+)
+
 logger = get_logger(__name__)
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the Flow Lune assessor on a teacher's block features.")
 
-    # ----------Model----------
-    parser.add_argument(
-        "--pretrained_teacher_model",
-        type=str,
-        default=None,
-        help="The epsilon SD1.5 teacher (diffusers folder, Hub id or single file); the same as the trainer's. "
-        "Default: the embedded tiny SD1.5 teacher (offline, for trying things out).",
-    )
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the teacher on the Hub.")
-    parser.add_argument("--variant", type=str, default=None, help="Variant of the teacher's weights, e.g. fp16.")
-    parser.add_argument(
-        "--teacher_config",
-        type=str,
-        default=None,
-        help="For a single-file teacher: a local diffusers folder with the configs and tokenizer to convert with.",
-    )
-
-    # ----------Data (the trainer's sources; see training/data.py)----------
-    parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
-    parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration.")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Local imagefolder with captions.")
-    parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
-    parser.add_argument("--caption_column", type=str, default="text", help="Caption column of --dataset_name.")
-    parser.add_argument(
-        "--resolution", type=int, default=None, help="Image size; default the teacher's (sample_size * 8)."
-    )
-    parser.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
-    parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset holding latents and prompts.")
-    parser.add_argument("--latents_column", type=str, default="latents", help="Latents column of --latents_dataset.")
-    parser.add_argument("--prompt_column", type=str, default="prompt", help="Prompt column of --latents_dataset.")
-    parser.add_argument("--prompts_file", type=str, default=None, help="One prompt per line: teacher latents.")
-    parser.add_argument("--num_generated", type=int, default=64, help="Latents the teacher generates.")
-    parser.add_argument("--generation_steps", type=int, default=25, help="Teacher steps per generated latent.")
-    parser.add_argument("--generation_guidance", type=float, default=7.5, help="CFG scale of generation.")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N rows.")
-    parser.add_argument("--cache_dir", type=str, default="~/.cache/flow_lune", help="Latent/embedding caches.")
-    parser.add_argument("--uncond_prob", type=float, default=0.1, help="Prompt dropout to '' (as the trainer).")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers.")
-
-    # ----------Sigma sampling (the trainer's density; see schedulers/sigma_sampling.py)----------
-    parser.add_argument(
-        "--weighting_scheme",
-        type=str,
-        default="uniform",
-        choices=["uniform", "logit_normal", "mode", "cosmap"],
-        help="Density of training sigmas before the shift; use the trainer's.",
-    )
-    parser.add_argument("--shift", type=float, default=3.0, help="Training shift; use the trainer's.")
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean.")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal std.")
-    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode density scale.")
+    # ----------Model, data and sigmas: the trainer's flags (training/cli.py)----------
+    add_teacher_arguments(parser)
+    add_data_arguments(parser)
+    add_sigma_arguments(parser)
 
     # ----------Assessor----------
     parser.add_argument("--embed_dim", type=int, default=64, help="Size of each block's embedding.")
@@ -131,15 +90,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--profile_batch_size must be >= 1, got {args.profile_batch_size}.")
     if args.profile_samples < args.num_bins:
         raise ValueError(f"--profile_samples must be >= --num_bins ({args.num_bins}), got {args.profile_samples}.")
-    if args.pretrained_teacher_model is None and (args.revision or args.variant):
-        raise ValueError("--revision/--variant need --pretrained_teacher_model.")
-    if not 0 <= args.uncond_prob <= 1:
-        raise ValueError(f"--uncond_prob must lie in [0, 1], got {args.uncond_prob}.")
-    from flow_lune.training.data import DataConfig
-
-    data_args = argparse.Namespace(**vars(args))
-    data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
-    DataConfig.from_args(data_args).check()
+    check_shared_arguments(args)
     out = Path(args.output_dir)
     taken = [n for n in ("config.json", "model.safetensors", "profile.json", "profile.png") if (out / n).exists()]
     if taken:

@@ -25,7 +25,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from flow_lune.schedulers import DENSITIES, LOSS_WEIGHTINGS, SigmaSampler, TeacherSchedule
+from flow_lune.schedulers import LOSS_WEIGHTINGS, SigmaSampler, TeacherSchedule
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
 from flow_lune.training.checkpoints import (
     EpochShuffleSampler,
@@ -35,6 +35,12 @@ from flow_lune.training.checkpoints import (
     register_checkpoint_hooks,
     resolve_resume,
     save_checkpoint,
+)
+from flow_lune.training.cli import (
+    add_data_arguments,
+    add_sigma_arguments,
+    add_teacher_arguments,
+    check_shared_arguments,
 )
 from flow_lune.training.export import PIPELINE_DIRNAME, export_final, merge_lora, push_to_hub
 from flow_lune.training.logging_utils import (
@@ -59,21 +65,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Flow Lune: distil an epsilon SD1.5 teacher into a flow student.")
 
     # ----------Model Arguments----------
-    parser.add_argument(
-        "--pretrained_teacher_model",
-        type=str,
-        default=None,
-        help="Teacher: Hub id, local diffusers folder, or single file (.safetensors). Default: a tiny SD1.5 teacher "
-        "built offline under --cache_dir (for trying the trainer out).",
-    )
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the teacher on the Hub.")
-    parser.add_argument("--variant", type=str, default=None, help="Variant of the teacher's weights, e.g. fp16.")
-    parser.add_argument(
-        "--teacher_config",
-        type=str,
-        default=None,
-        help="For a single-file teacher: a local diffusers folder with the configs and tokenizer to convert with.",
-    )
+    add_teacher_arguments(parser)
     parser.add_argument(
         "--student_model",
         type=str,
@@ -82,44 +74,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "instead of a copy of the teacher's UNet.",
     )
     # ----------Data Arguments----------
-    parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
-    parser.add_argument("--dataset_config_name", type=str, default=None)
-    parser.add_argument("--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl.")
-    parser.add_argument("--image_column", type=str, default="image")
-    parser.add_argument("--caption_column", type=str, default="text")
-    parser.add_argument(
-        "--resolution", type=int, default=None, help="Image size; default the teacher's (sample_size * 8)."
-    )
-    parser.add_argument("--center_crop", action="store_true", help="Centre crop (default: seeded random crop).")
-    parser.add_argument("--random_flip", action="store_true")
-    parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset with latents and prompts.")
-    parser.add_argument("--latents_column", type=str, default="latents")
-    parser.add_argument("--prompt_column", type=str, default="prompt")
-    parser.add_argument(
-        "--prompts_file", type=str, default=None, help="One prompt per line; the teacher generates the latents."
-    )
-    parser.add_argument("--num_generated", type=int, default=64, help="Latents the teacher generates.")
-    parser.add_argument("--generation_steps", type=int, default=25, help="Teacher sampling steps for generation.")
-    parser.add_argument("--generation_guidance", type=float, default=7.5, help="CFG scale for generation.")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument(
-        "--cache_dir", type=str, default="~/.cache/flow_lune", help="Latent/embedding caches and the tiny teacher."
-    )
-    parser.add_argument(
-        "--uncond_prob",
-        type=float,
-        default=0.1,
-        help="Probability of replacing a prompt by '' (the student learns the unconditional velocity for CFG).",
-    )
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="0: cached rows load in-process.")
+    add_data_arguments(parser)
     # ----------Objective Arguments----------
-    parser.add_argument(
-        "--weighting_scheme", type=str, default="uniform", choices=DENSITIES, help="Density of training sigmas."
-    )
-    parser.add_argument("--logit_mean", type=float, default=0.0)
-    parser.add_argument("--logit_std", type=float, default=1.0)
-    parser.add_argument("--mode_scale", type=float, default=1.29)
-    parser.add_argument("--shift", type=float, default=3.0, help="Time shift of training and sampling sigmas.")
+    add_sigma_arguments(parser)
     parser.add_argument("--loss_weighting", type=str, default="none", choices=LOSS_WEIGHTINGS)
     parser.add_argument("--kd_weight", type=float, default=0.25, help="Weight of sum_b w_b KD_b.")
     parser.add_argument("--block_penalty_weight", type=float, default=0.05, help="Weight of sum_b lambda_b KD_b.")
@@ -199,7 +156,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """One clear ValueError for contradictory or out-of-range flags, before any work."""
-    from flow_lune.training.data import DataConfig
     from flow_lune.training.fusion import FusionConfig
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -209,15 +165,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
-    if not 0.0 <= args.uncond_prob <= 1.0:
-        raise ValueError(f"--uncond_prob must be in [0, 1], got {args.uncond_prob}.")
     for name in ("kd_weight", "block_penalty_weight", "max_grad_norm", "lr_warmup_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}.")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
-    SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)  # checks
     FusionConfig(args.fusion_alpha, args.fusion_beta, args.fusion_delta, args.lambda_min, args.lambda_max)
+    check_shared_arguments(args)
     if args.timestep_sampling == "adaptive" and args.assessor == "none":
         raise ValueError("--timestep_sampling adaptive needs --assessor PATH (it reads PATH/profile.json).")
     if args.assessor != "none" and not Path(args.assessor).is_dir():
@@ -240,16 +194,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--hub_model_id is given without --push_to_hub; add --push_to_hub or drop the id.")
     if not args.validation_prompts:
         raise ValueError("--validation_prompts needs at least one prompt.")
-    teacher = args.pretrained_teacher_model
-    if teacher is not None:
-        looks_local = teacher.endswith((".safetensors", ".ckpt")) or teacher.startswith((".", "/", "~"))
-        if looks_local and not Path(teacher).expanduser().exists():
-            raise ValueError(f"--pretrained_teacher_model {teacher!r} does not exist; pass a folder, file or Hub id.")
-    if args.pretrained_teacher_model is None and (args.revision or args.variant):
-        raise ValueError("--revision/--variant need --pretrained_teacher_model.")
-    data_args = argparse.Namespace(**vars(args))
-    data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
-    DataConfig.from_args(data_args).check()
     output_dir = Path(args.output_dir)
     if (output_dir / PIPELINE_DIRNAME).exists():
         raise ValueError(
@@ -351,7 +295,7 @@ def main(args: argparse.Namespace) -> Path:
     weighting = build_block_weighting(args.assessor, args.base_block_weights, fusion, accelerator.device)
     sigma_sampler = SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
     if args.timestep_sampling == "adaptive":
-        from flow_lune.training.assessor import adaptive_sampler_from_profile
+        from flow_lune.training.profile import adaptive_sampler_from_profile
 
         sigma_sampler = adaptive_sampler_from_profile(
             Path(args.assessor) / "profile.json",

@@ -18,7 +18,6 @@ from flow_lune.training.assessor import (
     AssessorConfig,
     AssessorTrainingConfig,
     TeacherBlockFeatures,
-    adaptive_sampler_from_profile,
     assessor_loss,
     coherence,
     info_nce,
@@ -34,6 +33,7 @@ from flow_lune.training.fusion import FusionConfig, fuse_block_weights
 from flow_lune.training.profile import (
     AssessorProfile,
     ProfileAccumulator,
+    adaptive_sampler_from_profile,
     load_profile,
     save_profile,
     stratified_sigmas,

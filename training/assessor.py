@@ -58,7 +58,6 @@ __all__ = [
     "make_views",
     "initialise_from_features",
     "assessor_loss",
-    "adaptive_sampler_from_profile",
 ]
 
 CONFIG_NAME = "config.json"
@@ -577,16 +576,3 @@ class AssessorBlockWeighting:
         lam = fuse_block_weights(self.base_weights, s.e_t, s.e_p, s.coh, self.fusion)
         device = sigma.device if isinstance(sigma, torch.Tensor) else lam.device  # as ConstantBlockWeighting
         return BlockWeights(lam=lam.to(device), e_t=s.e_t.to(device), e_p=s.e_p.to(device), coh=s.coh.to(device))
-
-
-def adaptive_sampler_from_profile(
-    profile_path: str | os.PathLike,
-    base=None,
-    reliability_threshold: float = 0.15,
-    base_jitter: float = 1.0,
-    adaptive_jitter: float = 0.0,
-):
-    """``AdaptiveSigmaSampler`` from an assessor's ``profile.json`` (see ``training/profile.py``)."""
-    from .profile import adaptive_sampler_from_profile as build
-
-    return build(profile_path, base, reliability_threshold, base_jitter, adaptive_jitter)

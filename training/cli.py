@@ -1,0 +1,98 @@
+"""Command-line flags that the trainer and the assessor's trainer share, with their checks.
+
+Both scripts must read the same teacher, data and training sigmas (the assessor is trained on what
+the student will see), so the flags are defined once here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained_teacher_model``, ``--revision``, ``--variant``, ``--teacher_config``."""
+    parser.add_argument(
+        "--pretrained_teacher_model",
+        type=str,
+        default=None,
+        help="Teacher: Hub id, local diffusers folder, or single file (.safetensors). Default: a tiny SD1.5 teacher "
+        "built offline under --cache_dir (for trying things out).",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the teacher on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the teacher's weights, e.g. fp16.")
+    parser.add_argument(
+        "--teacher_config",
+        type=str,
+        default=None,
+        help="For a single-file teacher: a local diffusers folder with the configs and tokenizer to convert with.",
+    )
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data sources of ``training/data.py``, their caches and prompt dropout."""
+    parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl.")
+    parser.add_argument("--image_column", type=str, default="image", help="Image column of the dataset.")
+    parser.add_argument("--caption_column", type=str, default="text", help="Caption column of the dataset.")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Image size; default the teacher's (sample_size * 8)."
+    )
+    parser.add_argument("--center_crop", action="store_true", help="Centre crop (default: seeded random crop).")
+    parser.add_argument("--random_flip", action="store_true", help="Seeded horizontal flips, one view per image.")
+    parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset with latents and prompts.")
+    parser.add_argument("--latents_column", type=str, default="latents", help="Latents column of --latents_dataset.")
+    parser.add_argument("--prompt_column", type=str, default="prompt", help="Prompt column of --latents_dataset.")
+    parser.add_argument(
+        "--prompts_file", type=str, default=None, help="One prompt per line; the teacher generates the latents."
+    )
+    parser.add_argument("--num_generated", type=int, default=64, help="Latents the teacher generates.")
+    parser.add_argument("--generation_steps", type=int, default=25, help="Teacher sampling steps for generation.")
+    parser.add_argument("--generation_guidance", type=float, default=7.5, help="CFG scale for generation.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N rows.")
+    parser.add_argument(
+        "--cache_dir", type=str, default="~/.cache/flow_lune", help="Latent/embedding caches and the tiny teacher."
+    )
+    parser.add_argument(
+        "--uncond_prob",
+        type=float,
+        default=0.1,  # diffusers' and SD's usual prompt dropout: enough for CFG, little cost to the conditional
+        help="Probability of replacing a prompt by '' (the student learns the unconditional velocity for CFG).",
+    )
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="0: cached rows load in-process.")
+
+
+def add_sigma_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training sigma density and shift of ``schedulers/sigma_sampling.py``."""
+    from flow_lune.schedulers import DENSITIES
+
+    parser.add_argument(
+        "--weighting_scheme", type=str, default="uniform", choices=DENSITIES, help="Density of training sigmas."
+    )
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean (SD3's default).")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal std (SD3's default).")
+    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode density scale (SD3 paper's).")
+    parser.add_argument(
+        "--shift", type=float, default=3.0, help="Time shift of training and sampling sigmas (> 1: toward noise)."
+    )
+
+
+def check_shared_arguments(args: argparse.Namespace) -> None:
+    """One clear ValueError for bad teacher, data or sigma flags, before any work."""
+    from flow_lune.schedulers import SigmaSampler
+    from flow_lune.training.data import DataConfig
+
+    if not 0.0 <= args.uncond_prob <= 1.0:
+        raise ValueError(f"--uncond_prob must be in [0, 1], got {args.uncond_prob}.")
+    SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)  # checks
+    teacher = args.pretrained_teacher_model
+    if teacher is None and (args.revision or args.variant):
+        raise ValueError("--revision/--variant need --pretrained_teacher_model.")
+    if teacher is not None:
+        looks_local = teacher.endswith((".safetensors", ".ckpt")) or teacher.startswith((".", "/", "~"))
+        if looks_local and not Path(teacher).expanduser().exists():
+            raise ValueError(f"--pretrained_teacher_model {teacher!r} does not exist; pass a folder, file or Hub id.")
+    data_args = argparse.Namespace(**vars(args))
+    data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
+    DataConfig.from_args(data_args).check()
