@@ -37,7 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         "scheduler (PNDM, DDIM, ... with beta_schedule), which is otherwise refused so that a teacher is never "
         "labelled prediction_type 'flow'",
     )
-    p.add_argument("--cfg", type=float, default=4.5, help="guidance scale for the workflow (default 4.5)")
+    p.add_argument(
+        "--prediction-type",
+        choices=["flow", "epsilon"],
+        help="what DST declares in modelspec.prediction_type (default flow: a Flow Lune student). 'epsilon' writes a "
+        "plain SD1.5 file, e.g. a teacher for train_flow_distill.py --pretrained_teacher_model: no flow_lune.shift "
+        "or other flow keys, and DST.workflow.json is a plain ComfyUI graph (loader -> KSampler euler/normal, no "
+        "ModelSamplingSD3). Allowed when SRC's scheduler predicts epsilon, or SRC has no scheduler (UNet folder or "
+        "file); refused for a flow or v-prediction scheduler, a training checkpoint, and with --shift",
+    )
+    p.add_argument("--cfg", type=float, help="guidance scale for the workflow (default 4.5 for flow, 7.5 for epsilon)")
     p.add_argument("--steps", type=int, default=20, help="Euler steps for the workflow (default 20)")
     p.add_argument("--title", help="modelspec.title (default: DST's name)")
     p.add_argument("--no-workflow", action="store_true", help="do not write DST.workflow.json")
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 ema=args.ema,
                 shift=args.shift,
+                prediction_type=args.prediction_type,
                 cfg=args.cfg,
                 steps=args.steps,
                 title=args.title,

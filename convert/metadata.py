@@ -17,6 +17,8 @@ MODELSPEC_VERSION = "1.0.0"
 ARCHITECTURE = "stable-diffusion-v1"
 IMPLEMENTATION = "https://github.com/CompVis/stable-diffusion"  # the LDM key layout of the file
 PREDICTION_TYPE = "flow"  # rectified flow: v = eps - x0 on x_sigma = (1 - sigma) x0 + sigma eps
+EPSILON = "epsilon"  # an SD1.5 teacher: eps_hat(x_t, t), what every SD1.5 loader assumes
+PREDICTION_TYPES = (PREDICTION_TYPE, EPSILON)  # what to-single-file writes; v-prediction SD1.5 is out of scope
 FLOW_CONVENTION = "x_sigma=(1-sigma)*x0+sigma*eps; output v=eps-x0; timestep=1000*sigma; sigma'=s*sigma/(1+(s-1)*sigma)"
 SHIFT_KEY = "flow_lune.shift"
 PREDICTION_TYPE_KEY = "modelspec.prediction_type"
@@ -27,7 +29,8 @@ SOURCE_FILES_KEY = "flow_lune.source_files"
 def single_file_metadata(
     *,
     title: str,
-    shift: float,
+    prediction_type: str = PREDICTION_TYPE,
+    shift: float | None,
     cfg: float,
     steps: int,
     width: int,
@@ -39,10 +42,27 @@ def single_file_metadata(
 ) -> dict[str, str]:
     """The ``__metadata__`` of a single file; the source hashes are placeholders filled in after writing.
 
-    ``source_names`` None: no source hash (``--no-source-hash``).
+    ``prediction_type`` ``flow``: a Flow Lune student, with ``flow_lune.shift``/``cfg``/``steps`` and the flow
+    convention. ``epsilon``: a plain SD1.5 model (a teacher), with only the provenance keys
+    (``flow_lune.version``/``components``/``source_*``/``ema``) and none of the flow ones, so that
+    :func:`flow_shift` reads it as no Flow Lune student. ``source_names`` None: no source hash (``--no-source-hash``).
     """
     from flow_lune import __version__
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConversionError(f"prediction type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+    if (shift is None) != (prediction_type == EPSILON):
+        raise ConversionError(f"shift {shift} with prediction type {prediction_type!r}: a shift belongs to flow only")
+    if prediction_type == EPSILON:
+        description = (
+            "Epsilon-prediction SD1.5 model (e.g. the teacher of a Flow Lune student): sample it as any SD1.5 model "
+            f"(DDIM, Euler, PNDM; cfg {cfg:g}); in ComfyUI load it plainly, without ModelSamplingSD3."
+        )
+    else:
+        description = (
+            f"Flow Lune rectified-flow SD1.5 student. Sample with flow-matching Euler, shift {shift:g}, cfg {cfg:g}; "
+            f"in ComfyUI put ModelSamplingSD3(shift={shift:g}) after the loader (see the .workflow.json)."
+        )
     meta = {
         "format": "pt",
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
@@ -50,21 +70,28 @@ def single_file_metadata(
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
-        PREDICTION_TYPE_KEY: PREDICTION_TYPE,
+        PREDICTION_TYPE_KEY: prediction_type,
         "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.description": (
-            f"Flow Lune rectified-flow SD1.5 student. Sample with flow-matching Euler, shift {shift:g}, cfg {cfg:g}; "
-            f"in ComfyUI put ModelSamplingSD3(shift={shift:g}) after the loader (see the .workflow.json)."
-        ),
+        "modelspec.description": description,
         "flow_lune.version": __version__,
-        "flow_lune.prediction": FLOW_CONVENTION,
-        SHIFT_KEY: repr(float(shift)),
-        "flow_lune.cfg": repr(float(cfg)),
-        "flow_lune.steps": str(int(steps)),
+    }
+    if prediction_type == PREDICTION_TYPE:
+        meta |= {
+            "flow_lune.prediction": FLOW_CONVENTION,
+            SHIFT_KEY: repr(float(shift)),
+            "flow_lune.cfg": repr(float(cfg)),
+            "flow_lune.steps": str(int(steps)),
+        }
+    meta |= {
         "flow_lune.components": ",".join(components),
         "flow_lune.source_kind": source_kind,
         "flow_lune.ema": ema or "none",
     }
+    return _with_source_hash(meta, source_names)
+
+
+def _with_source_hash(meta: dict[str, str], source_names: list[str] | None) -> dict[str, str]:
+    """``meta`` with the source-hash keys: placeholders of the final lengths, or "not computed"."""
     if source_names is None:
         meta[SOURCE_HASH_KEY] = "not computed"
     else:

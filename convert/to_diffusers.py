@@ -11,7 +11,7 @@ from .accounting import plan_component, read_position
 from .architecture import text_keys_carry_text_model
 from .configs import builtin_config, flow_model_index, flow_scheduler_config, folder_config, read_json
 from .errors import ConversionError
-from .metadata import flow_shift
+from .metadata import EPSILON, PREDICTION_TYPE_KEY, flow_shift
 from .sfio import OutTensor, verify_written, write_safetensors
 from .sources import open_ldm_source, resolve_path
 from .to_single_file import DTYPES, ConversionResult, _out_dtype, _progress_bar
@@ -65,7 +65,9 @@ def convert_to_diffusers(
     The pipeline is a ``FlowLunePipeline`` with ``FlowLuneScheduler(shift)`` when the file is a Flow
     Lune student (header ``modelspec.prediction_type`` ``flow`` and/or ``flow_lune.shift``, see
     :func:`flow_lune.convert.metadata.flow_shift`) or when ``shift`` is given; otherwise a
-    ``StableDiffusionPipeline`` with the scheduler of ``config`` (default SD1.5's PNDM).
+    ``StableDiffusionPipeline`` with the scheduler of ``config`` (default SD1.5's PNDM). A file whose header
+    says ``modelspec.prediction_type`` ``epsilon`` (``to-single-file --prediction-type epsilon``, a teacher)
+    is refused with ``shift`` and with a ``config`` scheduler that predicts anything but epsilon.
     """
     src, dst = resolve_path(src), resolve_path(dst)
     if ema not in (None, "use", "drop"):
@@ -141,6 +143,12 @@ def _pipeline_scheduler(
     notes: list[str],
 ) -> tuple[float | None, dict]:
     """``(shift, scheduler config)`` of the pipeline folder: a Flow Lune student's, or None and ``scheduler_config``."""
+    declared_epsilon = metadata.get(PREDICTION_TYPE_KEY) == EPSILON
+    if declared_epsilon and shift is not None:
+        raise ConversionError(
+            f"--shift {shift:g}: {src} says {PREDICTION_TYPE_KEY} 'epsilon' (an SD1.5 teacher), not a flow student; "
+            "leave out --shift to get a StableDiffusionPipeline with the scheduler of --config"
+        )
     if shift is not None:
         declared = metadata.get("flow_lune.shift")
         said = f" (the header says flow_lune.shift {declared})" if declared and declared != repr(float(shift)) else ""
@@ -164,6 +172,14 @@ def _pipeline_scheduler(
             f"StableDiffusionPipeline, but the scheduler of --config {config_dir} is {name}, not a diffusers "
             "scheduler; pass --shift S if the file is a Flow Lune student, or give --config an SD1.5 folder"
         )
+    predicts = scheduler_config.get("prediction_type", EPSILON)  # diffusers' default when the config has none
+    if declared_epsilon and predicts != EPSILON:
+        raise ConversionError(
+            f"{src} says {PREDICTION_TYPE_KEY} 'epsilon', but the scheduler of --config {config_dir} ({name}) has "
+            f"prediction_type {predicts!r}; give --config the epsilon teacher's folder so its pipeline samples right"
+        )
+    if declared_epsilon:
+        notes.append(f"{src.name} is an epsilon SD1.5 model: StableDiffusionPipeline with {name} from the config")
     return None, scheduler_config
 
 

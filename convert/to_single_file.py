@@ -14,7 +14,7 @@ from .configs import builtin_config, folder_config, teacher_scheduler
 from .errors import ConversionError
 from .hashing import SourceHasher, combined_sha256, relative_names
 from .keymaps import LDM_PREFIXES, TEXT_PREFIX
-from .metadata import hash_values, single_file_metadata
+from .metadata import EPSILON, PREDICTION_TYPE, PREDICTION_TYPES, hash_values, single_file_metadata
 from .sfio import OutTensor, verify_written, write_safetensors
 from .sources import (
     Component,
@@ -31,6 +31,8 @@ from .writing import atomic_file, atomic_text, check_destination
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SHIFT = 3.0  # the shift the student is trained with (DESIGN.md section 1), unless the source says
 DEFAULT_CFG = 4.5  # CFG is distilled as with the teacher; 4.5 is a moderate SD1.5 guidance
+DEFAULT_TEACHER_CFG = 7.5  # an epsilon SD1.5 file: the guidance SD1.5 is usually sampled with
+STUDENT_SOURCE_KINDS = ("training checkpoint", "earlier-trainer checkpoint")  # these only ever hold flow students
 DEFAULT_STEPS = 20  # Euler steps in the ComfyUI workflow
 POSITION_IDS_KEY = TEXT_PREFIX + "text_model.embeddings.position_ids"
 
@@ -107,7 +109,8 @@ def convert_to_single_file(
     dtype: str | None = None,
     ema: str | None = None,
     shift: float | None = None,
-    cfg: float = DEFAULT_CFG,
+    prediction_type: str | None = None,
+    cfg: float | None = None,
     steps: int = DEFAULT_STEPS,
     title: str | None = None,
     overwrite: bool = False,
@@ -122,8 +125,14 @@ def convert_to_single_file(
     (else a ConversionError lists the keys); the file is streamed to a temporary name, re-opened
     and checked, then renamed. Beside it goes a ComfyUI workflow that applies the model's shift.
 
-    The file is labelled a flow model, so a pipeline folder whose scheduler is an epsilon/v-prediction
-    DDPM-family one (a teacher) is refused unless ``shift`` is given, which declares the UNet a student.
+    ``prediction_type`` None or ``"flow"``: the file is labelled a flow model (``modelspec.prediction_type``
+    ``flow``, ``flow_lune.shift``), so a pipeline folder whose scheduler is an epsilon/v-prediction DDPM-family
+    one (a teacher) is refused unless ``shift`` is given, which declares the UNet a student.
+    ``"epsilon"``: a plain SD1.5 file (e.g. a teacher for ``train_flow_distill.py``), ``modelspec.prediction_type``
+    ``epsilon`` and no flow keys; the workflow has no ModelSamplingSD3. Allowed for a pipeline folder whose
+    scheduler predicts epsilon, and for a source without a scheduler (UNet folder or file); refused for a
+    flow or v-prediction scheduler, a training checkpoint, and together with ``shift``.
+    ``cfg`` None: 4.5 for a flow student, 7.5 for an epsilon file.
     """
     src, dst = resolve_path(src), resolve_path(dst)
     if ema not in (None, "use", "drop"):
@@ -139,6 +148,15 @@ def convert_to_single_file(
     config_dir = resolve_path(config) if config is not None else None
     if config_dir is not None and not config_dir.is_dir():
         raise ConversionError(f"--config {config_dir} is not a folder; give a local diffusers folder")
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ConversionError(f"--prediction-type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+    epsilon = prediction_type == EPSILON
+    if epsilon and shift is not None:
+        raise ConversionError(
+            f"--shift {shift} with --prediction-type epsilon: a shift belongs to a flow student; drop one of them"
+        )
+    if cfg is None:
+        cfg = DEFAULT_TEACHER_CFG if epsilon else DEFAULT_CFG
     if steps < 1 or cfg < 0 or (shift is not None and shift <= 0):
         raise ConversionError(f"--steps {steps}, --cfg {cfg}, --shift {shift}: need steps >= 1, cfg >= 0, shift > 0")
 
@@ -149,14 +167,20 @@ def convert_to_single_file(
     components = dict(source.components)
     files, notes = list(source.files), list(source.notes)
     teacher = teacher_scheduler(source.scheduler_config)
-    if teacher is not None and shift is None:
+    if epsilon:
+        notes.append(_check_epsilon_source(source, teacher, src))
+    elif teacher is not None and shift is None:
+        hint = ""
+        if source.scheduler_config.get("prediction_type", EPSILON) == EPSILON:
+            hint = "; or, to write this teacher as an epsilon SD1.5 file, pass --prediction-type epsilon"
         raise ConversionError(
             f"SRC {src}: its scheduler is {teacher}, a DDPM-family SD1.5 scheduler: this is an epsilon/v-prediction "
             "SD1.5 pipeline (a teacher), not a Flow Lune student, and its file would be mislabelled "
             "modelspec.prediction_type 'flow'. Convert the student's output folder (scheduler FlowLuneScheduler), "
             "or, if this UNet is a flow student saved with the teacher's scheduler, pass --shift S (its sigma shift)"
+            + hint
         )
-    if teacher is not None:
+    elif teacher is not None:
         notes.append(f"SRC's scheduler is {teacher}; --shift {shift:g} given, so its UNet is written as a flow student")
     if base is not None:
         if "vae" in components:
@@ -164,7 +188,7 @@ def convert_to_single_file(
         base_components, base_files = _base_components(resolve_path(base), ema, allow_pickle)
         components.update(base_components)
         files += base_files
-    if shift is None:
+    if shift is None and not epsilon:
         shift = float((source.scheduler_config or {}).get("shift", DEFAULT_SHIFT))
 
     # 1. Account for every key, component by component.
@@ -197,6 +221,7 @@ def convert_to_single_file(
     file_names = relative_names(files, src if src.is_dir() else src.parent)
     metadata = single_file_metadata(
         title=title or dst.stem,
+        prediction_type=EPSILON if epsilon else PREDICTION_TYPE,
         shift=shift,
         cfg=cfg,
         steps=steps,
@@ -251,6 +276,29 @@ def convert_to_single_file(
     return result
 
 
+def _check_epsilon_source(source: Source, teacher: str | None, src: Path) -> str:
+    """Refuse ``--prediction-type epsilon`` for a source that says it is something else; the note to show if not."""
+    if source.kind.startswith(STUDENT_SOURCE_KINDS):
+        raise ConversionError(
+            f"--prediction-type epsilon: SRC {src} is a {source.kind}, which holds a flow student's UNet, not an "
+            "epsilon teacher; leave out --prediction-type to write it as a flow file"
+        )
+    config = source.scheduler_config
+    if config is None:
+        return f"SRC {src} has no scheduler; written as an epsilon SD1.5 model as --prediction-type epsilon says"
+    if teacher is None:
+        raise ConversionError(
+            f"--prediction-type epsilon: SRC {src}'s scheduler is {config.get('_class_name', 'unnamed')}, a flow "
+            "scheduler (no beta_schedule): this is a flow student; leave out --prediction-type to write a flow file"
+        )
+    if config.get("prediction_type", EPSILON) != EPSILON:
+        raise ConversionError(
+            f"--prediction-type epsilon: SRC {src}'s scheduler is {teacher}, not epsilon; the converter writes "
+            "epsilon teachers and flow students only (a v-prediction SD1.5 file needs a v_pred key it does not write)"
+        )
+    return f"SRC's scheduler is {teacher}: written as an epsilon SD1.5 model (no flow keys, no ModelSamplingSD3)"
+
+
 def _write_ckpt(tmp: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
     """A pickle, only on explicit request: every tensor in memory at once, as ``torch.save`` needs."""
     state = {}
@@ -279,4 +327,12 @@ def _progress_bar(total: int, enabled: bool, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False)
 
 
-__all__ = ["ConversionResult", "Source", "convert_to_single_file", "workflow_path", "DEFAULT_SHIFT", "DEFAULT_CFG"]
+__all__ = [
+    "ConversionResult",
+    "Source",
+    "convert_to_single_file",
+    "workflow_path",
+    "DEFAULT_SHIFT",
+    "DEFAULT_CFG",
+    "DEFAULT_TEACHER_CFG",
+]

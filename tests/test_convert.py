@@ -327,6 +327,98 @@ def test_teacher_pipeline_is_not_labelled_flow(tiny_pipeline_dir, tmp_path, caps
     assert flow.metadata["flow_lune.shift"] == "2.0"
 
 
+PROVENANCE_KEYS = {  # the flow_lune.* keys an epsilon file keeps: where it came from, nothing about sampling
+    "flow_lune.version",
+    "flow_lune.components",
+    "flow_lune.source_kind",
+    "flow_lune.ema",
+    "flow_lune.source_sha256",
+    "flow_lune.source_files",
+}
+
+
+def test_teacher_pipeline_as_epsilon_file(tiny_pipeline_dir, tmp_path, capsys):
+    """--prediction-type epsilon: an honest SD1.5 teacher file that comes back as the same StableDiffusionPipeline."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from flow_lune.convert.metadata import flow_shift
+
+    single = tmp_path / "teacher.safetensors"
+    argv = ["to-single-file", str(tiny_pipeline_dir), str(single), "--prediction-type", "epsilon", "--no-progress"]
+    assert main(argv) == 0
+    assert "PNDMScheduler (prediction_type 'epsilon'): written as an epsilon" in capsys.readouterr().out
+    with safe_open(str(single), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+    assert {k for k in meta if k.startswith("flow_lune.")} == PROVENANCE_KEYS  # no shift, cfg, steps, convention
+    assert "ModelSamplingSD3" in meta["modelspec.description"]  # says *not* to use it
+    assert flow_shift(meta, str(single)) is None
+    # The workflow is a plain SD1.5 graph: the sampler takes the loader's model, at SD1.5's usual guidance.
+    graph = json.loads(single.with_suffix(".workflow.json").read_text())
+    types = {n["class_type"] for n in graph.values()}
+    assert "ModelSamplingSD3" not in types and {"CheckpointLoaderSimple", "KSampler", "VAEDecode"} <= types
+    loader_id = next(nid for nid, n in graph.items() if n["class_type"] == "CheckpointLoaderSimple")
+    ks = next(n["inputs"] for n in graph.values() if n["class_type"] == "KSampler")
+    assert ks["model"] == [loader_id, 0] and ks["cfg"] == 7.5 and ks["scheduler"] == "normal"
+
+    # to-diffusers with the teacher's folder as --config: a StableDiffusionPipeline with the teacher's scheduler.
+    back = tmp_path / "back"
+    assert main(["to-diffusers", str(single), str(back), "--config", str(tiny_pipeline_dir), "--no-progress"]) == 0
+    assert "epsilon SD1.5 model: StableDiffusionPipeline with PNDMScheduler" in capsys.readouterr().out
+    index = json.loads((back / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"] == ["diffusers", "PNDMScheduler"]
+    sched_file = "scheduler/scheduler_config.json"
+    assert json.loads((back / sched_file).read_text()) == json.loads((tiny_pipeline_dir / sched_file).read_text())
+    for name, rel in WEIGHTS.items():
+        expected, got = load_file(tiny_pipeline_dir / rel), load_file(back / rel)
+        assert expected.keys() == got.keys(), name
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    pipe = StableDiffusionPipeline.from_pretrained(back)
+    assert type(pipe.scheduler) is PNDMScheduler and pipe.scheduler.config.prediction_type == "epsilon"
+
+    # A UNet folder has no scheduler to contradict the explicit choice.
+    unet_file = tmp_path / "unet.safetensors"
+    result = to_single(tiny_pipeline_dir / "unet", unet_file, prediction_type="epsilon", source_hash=False)
+    assert result.metadata["modelspec.prediction_type"] == "epsilon" and "flow_lune.shift" not in result.metadata
+    assert any("no scheduler" in n for n in result.notes)
+    unet_graph = json.loads(unet_file.with_suffix(".workflow.json").read_text())
+    assert {n["class_type"] for n in unet_graph.values()} >= {"UNETLoader"} and "ModelSamplingSD3" not in {
+        n["class_type"] for n in unet_graph.values()
+    }
+
+
+def test_epsilon_label_is_refused_where_it_would_lie(tiny_pipeline_dir, student_dir, tmp_path):
+    """No epsilon label on a flow student, a v-prediction teacher or a training checkpoint; none with --shift."""
+    dst = tmp_path / "out" / "x.safetensors"
+    dst.parent.mkdir()
+    eps = {"prediction_type": "epsilon"}
+    assert_refused(lambda: to_single(tiny_pipeline_dir, dst, shift=3.0, **eps), dst, "--shift 3.0 with --predic")
+    assert_refused(lambda: to_single(student_dir, dst, **eps), dst, "FlowLuneScheduler, a flow scheduler")
+    assert_refused(lambda: to_single(tiny_pipeline_dir, dst, prediction_type="v"), dst, "expected one of flow, eps")
+    vpred = tmp_path / "vpred"
+    shutil.copytree(tiny_pipeline_dir, vpred)
+    sched_path = vpred / "scheduler" / "scheduler_config.json"
+    sched_path.write_text(json.dumps({**json.loads(sched_path.read_text()), "prediction_type": "v_prediction"}))
+    assert_refused(lambda: to_single(vpred, dst, **eps), dst, "prediction_type 'v_prediction'.*not epsilon")
+    # Without a flag, the teacher's refusal names --prediction-type epsilon; the v-prediction one does not.
+    with pytest.raises(ConversionError, match="pass --prediction-type epsilon"):
+        to_single(tiny_pipeline_dir, dst)
+    with pytest.raises(ConversionError) as err:
+        to_single(vpred, dst)
+    assert "--prediction-type" not in str(err.value)
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(tiny_pipeline_dir / "unet", checkpoint / "unet")
+    assert_refused(lambda: to_single(checkpoint, dst, **eps), dst, "training checkpoint.*flow student")
+    # to-diffusers: an epsilon file is not made a flow pipeline, nor given a v-prediction scheduler.
+    single = tmp_path / "teacher.safetensors"
+    to_single(tiny_pipeline_dir, single, write_workflow=False, source_hash=False, **eps)
+    back = tmp_path / "back"
+    assert_refused(lambda: to_diffusers(single, back, config=tiny_pipeline_dir, shift=2.0), back, "'epsilon'.*--shift")
+    assert_refused(lambda: to_diffusers(single, back, config=vpred), back, "prediction_type 'v_prediction'")
+    assert_refused(lambda: to_diffusers(single, back, config=student_dir), back, "FlowLuneScheduler")
+
+
 def test_unet_only_files(tiny_pipeline_dir, tmp_path):
     """A UNet folder gives a UNet-only file that diffusers reads back identically, and that converts back."""
     from diffusers import UNet2DConditionModel

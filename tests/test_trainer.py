@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,6 +270,115 @@ def test_non_epsilon_or_non_sd15_teacher_is_refused(tmp_path, cache_dir, tiny_pi
     assert not list((tmp_path / "out").glob("checkpoint-*"))
     with pytest.raises(ValueError, match="SD1.5-layout"):
         check_sd15_unet(tiny_unet(0, down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4))
+
+
+# ---------------------------------------------------------------- a single-file teacher
+
+WEIGHT_FILES = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+}
+
+
+def test_single_file_teacher_trains_with_the_original_weights(tmp_path, cache_dir, tiny_pipeline_dir, monkeypatch):
+    """to-single-file --prediction-type epsilon, then --pretrained_teacher_model FILE --teacher_config FOLDER."""
+    from diffusers import DDPMScheduler
+
+    from flow_lune.convert import convert_to_single_file
+    from flow_lune.pipelines import FlowLunePipeline
+    from flow_lune.training import models
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    convert_to_single_file(tiny_pipeline_dir, teacher_file, prediction_type="epsilon", progress=False)
+    used = []
+
+    def recording_load_teacher(*args, **kwargs):
+        used.append(real_load_teacher(*args, **kwargs))
+        return used[-1]
+
+    real_load_teacher = models.load_teacher
+    monkeypatch.setattr(models, "load_teacher", recording_load_teacher)
+    out = tmp_path / "out"
+    pipeline_dir = run(
+        out, cache_dir, "--pretrained_teacher_model", str(teacher_file), "--teacher_config", str(tiny_pipeline_dir),
+        "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
+    )  # fmt: skip
+    # The teacher the trainer used is the original one, bit for bit, with the original's scheduler.
+    (teacher,) = used
+    for name, rel in WEIGHT_FILES.items():
+        original = load_file(str(tiny_pipeline_dir / rel))
+        state = getattr(teacher, name).state_dict()
+        assert_bit_identical(original, {k: state[k] for k in original})
+        assert set(state) - set(original) <= {"text_model.embeddings.position_ids"}, name
+    expected_scheduler = DDPMScheduler.load_config(tiny_pipeline_dir, subfolder="scheduler")
+    assert teacher.scheduler_config == expected_scheduler
+    assert type(teacher.scheduler).__name__ == expected_scheduler["_class_name"] == "PNDMScheduler"
+    # The output folder is complete: trained student pipeline, its flow single file and workflow, checkpoint, logs.
+    pipe = FlowLunePipeline.from_pretrained(pipeline_dir)
+    changed = [
+        k
+        for k, v in load_file(str(tiny_pipeline_dir / UNET_FILE)).items()
+        if not torch.equal(v, pipe.unet.state_dict()[k])
+    ]
+    assert changed, "the exported student equals the teacher: training did nothing"
+    with safe_open(str(out / "flow_lune.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "flow"
+    assert (out / "flow_lune.workflow.json").is_file()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert (out / "validation" / "step-2.png").is_file() and (out / "lambda.png").is_file()
+    assert json.loads((out / "args.json").read_text())["pretrained_teacher_model"] == str(teacher_file)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_single_file_teacher_needs_its_config_and_must_be_epsilon(tmp_path, cache_dir, tiny_pipeline_dir):
+    from flow_lune.convert import convert_to_single_file
+    from flow_lune.training.models import load_teacher
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    convert_to_single_file(tiny_pipeline_dir, teacher_file, prediction_type="epsilon", progress=False)
+    teacher_cache = tmp_path / "teacher-cache"
+    with pytest.raises(ValueError, match="single file, which holds no tokenizer.*--teacher_config"):
+        load_teacher(str(teacher_file), cache_dir=str(teacher_cache))
+    with pytest.raises(ValueError, match="has no tokenizer/ folder"):
+        load_teacher(str(teacher_file), cache_dir=str(teacher_cache), config_dir=str(tiny_pipeline_dir / "unet"))
+    # Through the trainer too: refused before any training output.
+    with pytest.raises(ValueError, match="--teacher_config"):
+        run(tmp_path / "out", cache_dir, "--pretrained_teacher_model", str(teacher_file))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    # A flow student's file is no teacher, whatever --teacher_config says.
+    student_file = tmp_path / "student.safetensors"
+    convert_to_single_file(tiny_pipeline_dir, student_file, shift=3.0, write_workflow=False, progress=False)
+    with pytest.raises(ValueError, match="is a Flow Lune flow student.*'flow'.*not an epsilon teacher"):
+        load_teacher(str(student_file), cache_dir=str(teacher_cache), config_dir=str(tiny_pipeline_dir))
+    assert not teacher_cache.exists()  # nothing converted for any refused teacher
+
+
+# ---------------------------------------------------------------- the lambda plot
+
+
+def test_lambda_plot_labels_and_overlapping_lines(tmp_path):
+    """Labels keep their '.' and spaces; down_blocks.i and up_blocks.(3-i), equal without an assessor, both show."""
+    from PIL import Image
+
+    from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS
+    from flow_lune.training.logging_utils import BLOCK_COLOURS, label_font, plot_lambda, same_as
+
+    font = label_font()
+    space, dot = font.getlength("a b") - font.getlength("ab"), font.getlength("a.b") - font.getlength("ab")
+    assert space >= 3 and dot >= 3, (space, dot)  # Pillow's 10 px default gives 2 px: "lambda_bover", "blocks0"
+    weights = [float(w) for w in BASE_BLOCK_WEIGHTS]
+    assert weights[:4] == weights[5:][::-1]  # the base weights are symmetric, so these lines coincide
+    records = [{"step": s, "lambda": dict(zip(BLOCK_NAMES, weights))} for s in range(1, 6)]
+    values = [[r["lambda"][b] for r in records] for b in BLOCK_NAMES]
+    assert same_as(values) == {5: 3, 6: 2, 7: 1, 8: 0}
+    path = plot_lambda(records, tmp_path / "lambda.png", size=(640, 360))
+    plot_area = Image.open(path).convert("RGB").crop((0, 0, 640, 360))
+    colours = {c for _, c in plot_area.getcolors(maxcolors=1 << 16)}
+    missing = [BLOCK_NAMES[b] for b in range(9) if b != 4 and BLOCK_COLOURS[b] not in colours]
+    assert not missing, f"lines hidden under another: {missing}"
 
 
 # ---------------------------------------------------------------- checkpoint helpers

@@ -10,6 +10,7 @@ one of our ``checkpoint-N`` folders), and keeps fp32 trainable weights.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -83,23 +84,65 @@ def default_teacher_dir(cache_dir: str | os.PathLike) -> Path:
     return folder
 
 
-def single_file_to_diffusers(path: Path, cache_dir: str | os.PathLike, config_dir: str | None = None) -> Path:
-    """Convert an original-layout single file to a diffusers folder under ``cache_dir`` (once per name/size/mtime).
+def check_single_file_teacher(path: Path, config_dir: str | None) -> None:
+    """``ValueError`` before any conversion unless ``path`` can be an epsilon teacher and ``config_dir`` completes it.
 
-    ``config_dir``: a local diffusers folder whose configs (and tokenizer) the conversion uses; the converter's
-    built-in SD1.5 configs otherwise.
+    A single file holds no tokenizer (and an SD1.5 file no scheduler), so ``config_dir`` (``--teacher_config``) must be
+    a local diffusers folder with ``tokenizer/``. A header that declares a Flow Lune student
+    (``modelspec.prediction_type`` ``flow`` or ``flow_lune.shift``) or another prediction type is refused.
+    """
+    if config_dir is None:
+        raise ValueError(
+            f"--pretrained_teacher_model {str(path)!r} is a single file, which holds no tokenizer or scheduler; pass "
+            "--teacher_config with a local diffusers SD1.5 folder that has tokenizer/ and the teacher's scheduler/ "
+            "(e.g. a downloaded SD1.5 pipeline)."
+        )
+    folder = Path(config_dir).expanduser()
+    if not (folder / "tokenizer").is_dir():
+        raise ValueError(
+            f"--teacher_config {config_dir!r} has no tokenizer/ folder; give a local diffusers SD1.5 folder with "
+            "tokenizer/ (and scheduler/), e.g. a downloaded SD1.5 pipeline."
+        )
+    if path.suffix != ".safetensors":
+        return  # a .ckpt pickle: the converter refuses or reads it; it carries no header to check here
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except Exception:  # not a readable safetensors file: the converter says what it is
+        return
+    prediction = header.get("modelspec.prediction_type")
+    if prediction == "flow" or "flow_lune.shift" in header:
+        raise ValueError(
+            f"--pretrained_teacher_model {str(path)!r} is a Flow Lune flow student (header modelspec.prediction_type "
+            f"{prediction!r}, flow_lune.shift {header.get('flow_lune.shift')!r}), not an epsilon teacher; pass the "
+            "epsilon SD1.5 teacher (a file written with flow-lune-convert to-single-file --prediction-type epsilon, "
+            "or the original SD1.5 file), and the student with --student_model."
+        )
+    if prediction is not None and prediction != "epsilon":
+        raise ValueError(
+            f"--pretrained_teacher_model {str(path)!r} declares modelspec.prediction_type {prediction!r}; Flow Lune "
+            "distils epsilon-prediction SD1.5 teachers only."
+        )
+
+
+def single_file_to_diffusers(path: Path, cache_dir: str | os.PathLike, config_dir: str | None = None) -> Path:
+    """Convert an original-layout single file to a diffusers folder under ``cache_dir``, once.
+
+    The folder's name carries the file's name, size and mtime and the ``config_dir`` it was converted with, so a
+    changed file or another config gives a new conversion. ``config_dir``: a local diffusers folder whose configs,
+    scheduler and tokenizer the conversion uses (required; see :func:`check_single_file_teacher`).
     """
     from flow_lune.convert import convert_to_diffusers
 
+    check_single_file_teacher(path, config_dir)
     stat = path.stat()
-    folder = Path(cache_dir).expanduser() / f"teacher-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    config_tag = hashlib.sha256(str(Path(config_dir).expanduser().resolve()).encode()).hexdigest()[:8]
+    name = f"teacher-{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{config_tag}"
+    folder = Path(cache_dir).expanduser() / name
     if not (folder / "model_index.json").is_file():
         convert_to_diffusers(path, folder, config=config_dir, progress=False)
-    if not (folder / "tokenizer").is_dir():
-        raise ValueError(
-            f"The single-file teacher {str(path)!r} was converted without a tokenizer; pass --teacher_config with a "
-            "local diffusers folder that has tokenizer/ (e.g. a downloaded SD1.5 pipeline)."
-        )
     return folder
 
 
@@ -112,7 +155,8 @@ def load_teacher(
 ) -> TeacherComponents:
     """Load the teacher's UNet, VAE, text encoder, tokenizer and scheduler config; checks SD1.5 layout and epsilon.
 
-    A path ending in .safetensors/.ckpt goes through ``flow_lune.convert`` first.
+    A path ending in .safetensors/.ckpt goes through ``flow_lune.convert`` first, with ``config_dir``
+    (``--teacher_config``: a local diffusers folder with the configs, scheduler and tokenizer), which it needs.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
