@@ -94,12 +94,65 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+FONT_SIZE = 13  # px; at Pillow's default 10 px the space and '.' are 2 px wide and labels read run together
+DASH = (8, 6)  # px on, px off: up blocks are dashed so a down block with the same lambda shows through
+
+
+def label_font(size: int = FONT_SIZE) -> Any:
+    """Pillow's built-in scalable font at ``size`` px (Pillow >= 10.1 with FreeType), else its bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument, only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def dashed_polyline(draw: Any, points: Sequence[tuple[float, float]], fill: Any, width: int, dash=DASH) -> None:
+    """Draw ``points`` as one dashed line: the on/off pattern runs on along the whole path, across its corners."""
+    on, off = dash
+    pos = 0.0  # where in the on+off period the pen is
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        done = 0.0
+        while done < length:
+            in_on = pos < on
+            step = min((on - pos) if in_on else (on + off - pos), length - done)
+            if in_on and step > 0:
+                a, b = done / length, (done + step) / length
+                draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                          fill=fill, width=width)  # fmt: skip
+            done += step
+            pos = (pos + step) % (on + off)
+
+
+def same_as(values: Sequence[Sequence[float]]) -> dict[int, int]:
+    """``{b: a}`` for each series ``b`` equal, value for value, to an earlier series ``a`` (its line hides ``a``'s)."""
+    first: dict[tuple[float, ...], int] = {}
+    out = {}
+    for b, series in enumerate(values):
+        key = tuple(series)
+        if key in first:
+            out[b] = first[key]
+        else:
+            first[key] = b
+    return out
+
+
 def plot_lambda(records: Sequence[dict], path: str | os.PathLike, size: tuple[int, int] = (640, 360)) -> Path:
-    """A PNG of lambda_b per block over training steps (one line per block, legend on the right)."""
+    """A PNG of lambda_b per block over training steps (one line per block, legend on the right).
+
+    Down blocks and the mid block are solid lines, up blocks dashed and drawn last, so that lines that
+    coincide (down_blocks.i and up_blocks.(3-i) share their base weight; without an assessor lambda_b = w_b)
+    both show; the legend names every block whose line equals another's exactly ("up_blocks.3 = down_blocks.0").
+    """
     from PIL import Image, ImageDraw
 
+    font = label_font()
+    line_h = font.getbbox("Ag_")[3] + 4  # one text line plus spacing
     width, height = size
-    legend_w, margin = 130, 40
+    legend_w, margin = 230, 40
+    pad = 8  # px between the frame and the extreme values, so a line at the minimum does not hide in the frame
     image = Image.new("RGB", (width + legend_w, height), "white")
     draw = ImageDraw.Draw(image)
     steps = [r["step"] for r in records if "lambda" in r]
@@ -113,25 +166,47 @@ def plot_lambda(records: Sequence[dict], path: str | os.PathLike, size: tuple[in
 
     def xy(step: float, value: float) -> tuple[float, float]:
         x = margin + (step - s_lo) / s_span * (width - 2 * margin)
-        y = height - margin - (value - lo) / (hi - lo) * (height - 2 * margin)
+        y = height - margin - pad - (value - lo) / (hi - lo) * (height - 2 * margin - 2 * pad)
         return x, y
 
+    def text(pos: tuple[float, float], label: str, anchor: str = "la") -> None:
+        draw.text(pos, label, fill="black", font=font, anchor=anchor)
+
+    def stroke(points: list[tuple[float, float]], colour: tuple, width: int, dashed: bool, dash=DASH) -> None:
+        if dashed:
+            dashed_polyline(draw, points, colour, width, dash)
+        else:
+            draw.line(points, fill=colour, width=width, joint="curve")
+
     draw.rectangle([margin, margin, width - margin, height - margin], outline=(128, 128, 128))
-    draw.text((margin, 8), "lambda_b over training", fill="black")
-    draw.text((4, margin - 12), f"{hi:.3g}", fill="black")
-    draw.text((4, height - margin - 4), f"{lo:.3g}", fill="black")
-    draw.text((margin, height - margin + 6), f"step {s_lo}", fill="black")
-    draw.text((width - margin - 60, height - margin + 6), f"step {s_hi}", fill="black")
-    for b, (name, series) in enumerate(zip(BLOCK_NAMES, values)):
-        colour = BLOCK_COLOURS[b]
-        points = [xy(s, v) for s, v in zip(steps, series)]
+    text((margin, margin - 8), "lambda_b over training", anchor="ld")
+    for value in (hi, lo):  # ticks at the extreme values, labelled on the left
+        y = xy(s_lo, value)[1]
+        draw.line([(margin - 3, y), (margin, y)], fill=(128, 128, 128))
+        text((margin - 5, y), f"{value:.3g}", anchor="rm")
+    text((margin, height - margin + 6), f"step {s_lo}")
+    text((width - margin, height - margin + 6), f"step {s_hi}", anchor="ra")
+    hidden = same_as(values)
+    solid = [b for b, name in enumerate(BLOCK_NAMES) if not name.startswith("up_blocks")]
+    order = solid + [b for b in range(len(BLOCK_NAMES)) if b not in solid]  # dashed up blocks on top
+    for b in order:
+        colour, dashed = BLOCK_COLOURS[b], b not in solid
+        points = [xy(s, v) for s, v in zip(steps, values[b])]
         if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
+            stroke(points, colour, 2, dashed)
         elif points:
-            x, y = points[0]
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.line([width + 5, margin + 16 * b + 6, width + 25, margin + 16 * b + 6], fill=colour, width=3)
-        draw.text((width + 30, margin + 16 * b), name, fill="black")
+            x, y = points[0]  # one step: a disk for solid blocks, a wider ring around it for dashed ones
+            r = 5 if dashed else 3
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=None if dashed else colour, outline=colour, width=2)
+        y = margin + line_h * b + line_h // 2
+        legend = [(width + 5, y), (width + 30, y)]
+        stroke(legend, colour, 3, dashed, dash=(6, 4))
+        label = BLOCK_NAMES[b] + (f" = {BLOCK_NAMES[hidden[b]]}" if b in hidden else "")
+        text((width + 36, y), label, anchor="lm")
+    note_y = margin + line_h * len(BLOCK_NAMES) + 6
+    text((width + 5, note_y), "solid: down, mid; dashed: up")
+    if hidden:
+        text((width + 5, note_y + line_h), "a = b: same values, lines overlap")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     image.save(tmp, format="PNG")
@@ -143,14 +218,15 @@ def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str]) -> Any:
     """Images in a grid, one labelled row per model (e.g. teacher above student), columns = prompts."""
     from PIL import Image, ImageDraw
 
+    font = label_font()
     cols = max(len(r) for r in rows)
     w, h = rows[0][0].size
-    label_h = 14
+    label_h = font.getbbox("Ag_()")[3] + 4
     grid = Image.new("RGB", (cols * w, len(rows) * (h + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         top = r * (h + label_h)
-        draw.text((2, top + 1), label, fill="black")
+        draw.text((2, top + 1), label, fill="black", font=font)
         for c, img in enumerate(images):
             grid.paste(img.convert("RGB"), (c * w, top + label_h))
     return grid
