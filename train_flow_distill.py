@@ -25,6 +25,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from flow_lune.atomic import atomic_text
 from flow_lune.schedulers import LOSS_WEIGHTINGS, SigmaSampler, TeacherSchedule
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
 from flow_lune.training.checkpoints import (
@@ -388,9 +389,7 @@ def main(args: argparse.Namespace) -> Path:
         name = (
             "args.json" if global_step == 0 and not (output_dir / "args.json").exists() else f"args-{global_step}.json"
         )
-        tmp = output_dir / (name + ".tmp")
-        tmp.write_text(json.dumps(vars(args), indent=2, default=str))
-        os.replace(tmp, output_dir / name)
+        atomic_text(output_dir / name, json.dumps(vars(args), indent=2, default=str))
     metrics = MetricsWriter(output_dir / "metrics.jsonl") if accelerator.is_main_process else None
 
     # 9. Train

@@ -6,13 +6,13 @@ Everything is written under a temporary name and renamed when complete; nothing 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from flow_lune.atomic import atomic_file, atomic_folder
 
 from .checkpoints import check_finite_parameters
 
@@ -39,16 +39,13 @@ def _fresh(path: Path) -> None:
 
 def save_flow_lune_pipeline(folder: Path, student_unet: Any, teacher: Any, shift: float) -> Path:
     """A ``FlowLunePipeline`` folder: the student UNet (fp32), the teacher's VAE/text encoder/tokenizer and a
-    ``FlowLuneScheduler(shift=shift)``; written to ``<folder>.tmp`` and renamed."""
+    ``FlowLuneScheduler(shift=shift)``; written to a temporary folder and renamed."""
     from flow_lune.pipelines import FlowLunePipeline
     from flow_lune.schedulers import FlowLuneScheduler
 
     folder = Path(folder)
     _fresh(folder)
     check_finite_parameters(student_unet)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     pipe = FlowLunePipeline(
         vae=teacher.vae,
         text_encoder=teacher.text_encoder,
@@ -56,8 +53,7 @@ def save_flow_lune_pipeline(folder: Path, student_unet: Any, teacher: Any, shift
         unet=student_unet,
         scheduler=FlowLuneScheduler(shift=shift),
     )
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, folder)
+    atomic_folder(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return folder
 
 
@@ -121,9 +117,7 @@ def write_model_card(
         card, tags=["text-to-image", "diffusers", "flow-lune", "rectified-flow", "distillation", "stable-diffusion"]
     )
     path = Path(folder) / "README.md"
-    tmp = path.with_name("README.md.tmp")
-    card.save(str(tmp))
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: card.save(str(tmp)))
     return path
 
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flow_lune.atomic import atomic_file
+
 from .block_features import BLOCK_NAMES
 
 # One colour per block, distinguishable on white (down: blues, mid: black, up: reds).
@@ -208,9 +210,7 @@ def plot_lambda(records: Sequence[dict], path: str | os.PathLike, size: tuple[in
     if hidden:
         text((width + 5, note_y + line_h), "a = b: same values, lines overlap")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 
@@ -310,9 +310,7 @@ def log_validation(
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step}.png"
-    tmp = path.with_name(path.name + ".tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .assessor import PROFILE_IMAGE_NAME, PROFILE_NAME, Assessor, atomic_write, pattern_entropy, sigma_to_bin
+from flow_lune.atomic import atomic_file
+
+from .assessor import PROFILE_IMAGE_NAME, PROFILE_NAME, Assessor, pattern_entropy, sigma_to_bin
 
 __all__ = [
     "AssessorProfile",
@@ -192,9 +194,9 @@ def save_profile(profile: AssessorProfile, folder: str | os.PathLike, overwrite:
             raise ValueError(f"{folder / name} exists; choose a new folder (nothing on disk is overwritten).")
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(profile.to_dict()) + "\n"
-    atomic_write(folder / PROFILE_NAME, lambda p: Path(p).write_text(text))
+    atomic_file(folder / PROFILE_NAME, lambda p: Path(p).write_text(text))
     image = profile_heatmap(profile)
-    atomic_write(folder / PROFILE_IMAGE_NAME, lambda p: image.save(p, format="PNG"))
+    atomic_file(folder / PROFILE_IMAGE_NAME, lambda p: image.save(p, format="PNG"))
     return folder / PROFILE_NAME
 
 
