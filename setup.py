@@ -30,7 +30,7 @@ setup(
         "torch>=2.4",  # torch.nn.attention SDPA, fused AdamW on CPU
         "accelerate>=1.0",  # save_state/load_state hooks, skip_first_batches
         "diffusers>=0.32",  # FlowMatchEulerDiscreteScheduler(sigmas=...), training_utils.EMAModel
-        "transformers>=4.45",  # CLIPTextModel/CLIPTokenizer offline construction
+        "transformers>=5.0",  # CLIPTokenizer(vocab=dict, merges=list): the in-memory tiny tokenizer
         "datasets>=3.0",  # imagefolder with metadata.jsonl, Dataset.from_generator caching
         "safetensors>=0.4",  # safe_open streaming, metadata in the header
         "peft>=0.13",  # LoRA on UNet2DConditionModel via add_adapter

@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
     )
     from flow_lune.training.block_features import BLOCK_NAMES, block_channels
     from flow_lune.training.data import DataConfig, TeacherParts, collate, prepare_training_data
-    from flow_lune.training.models import default_teacher_dir, load_teacher
+    from flow_lune.training.models import load_teacher_from_args, teacher_resolution
     from flow_lune.training.profile import ProfileAccumulator, save_profile, stratified_sigmas
 
     # 1. Accelerator, logging, seed
@@ -144,17 +144,9 @@ def main(args: argparse.Namespace) -> None:
 
     # 2. Teacher (frozen, never prepared), in the mixed-precision dtype like the trainer's
     #    (the same teacher_id as train_flow_distill.py, so the two scripts share the data caches)
-    if args.pretrained_teacher_model is None:
-        with accelerator.main_process_first():
-            teacher_path = str(default_teacher_dir(args.cache_dir))
-        teacher_id = "flow_lune.tiny(seed=0)"
-    else:
-        teacher_path = args.pretrained_teacher_model
-        teacher_id = f"{teacher_path}@{args.revision}/{args.variant}"
-    with accelerator.main_process_first():
-        teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir, args.teacher_config)
+    teacher, teacher_id = load_teacher_from_args(args, accelerator)
     if args.resolution is None:
-        args.resolution = int(teacher.unet.config.sample_size) * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+        args.resolution = teacher_resolution(teacher)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     teacher.unet.to(accelerator.device, dtype=weight_dtype)
     teacher.text_encoder.to(accelerator.device)

@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> Path:
 
     from flow_lune.training.data import DataConfig, TeacherParts, collate, prepare_training_data
     from flow_lune.training.fusion import FusionConfig
-    from flow_lune.training.models import build_student, default_teacher_dir, load_teacher
+    from flow_lune.training.models import build_student, load_teacher_from_args, teacher_resolution
     from flow_lune.training.weighting import build_block_weighting
 
     # 1. Accelerator, logging, seed, output folder
@@ -246,19 +246,10 @@ def main(args: argparse.Namespace) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. Teacher: frozen, out of accelerator.prepare, its own schedule
-    if args.pretrained_teacher_model is None:
-        with accelerator.main_process_first():
-            teacher_path = str(default_teacher_dir(args.cache_dir))
-        logger.info(f"No --pretrained_teacher_model: using the embedded tiny SD1.5 teacher at {teacher_path}.")
-        teacher_id = "flow_lune.tiny(seed=0)"
-    else:
-        teacher_path = args.pretrained_teacher_model
-        teacher_id = f"{teacher_path}@{args.revision}/{args.variant}"
-    with accelerator.main_process_first():
-        teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir, args.teacher_config)
+    teacher, teacher_id = load_teacher_from_args(args, accelerator)
     schedule = TeacherSchedule.from_scheduler_config(teacher.scheduler_config)
     if args.resolution is None:
-        args.resolution = int(teacher.unet.config.sample_size) * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+        args.resolution = teacher_resolution(teacher)
 
     # 3. Student: fp32 trainable weights (a copy of the teacher's UNet, or --student_model)
     student = build_student(teacher.unet, args.student_model)

@@ -187,6 +187,33 @@ def load_teacher(
     return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, scheduler, source)
 
 
+TINY_TEACHER_ID = "flow_lune.tiny(seed=0)"  # the embedded default's identity in the data cache keys
+
+
+def load_teacher_from_args(args: Any, accelerator: Any) -> tuple[TeacherComponents, str]:
+    """The teacher the shared flags name (``training/cli.py``) and its identity for the data cache keys.
+
+    Without ``--pretrained_teacher_model`` the embedded tiny teacher is built under ``--cache_dir``. The main
+    process loads (and, for a single file, converts) first. Both trainers use this, so they share data caches.
+    """
+    if args.pretrained_teacher_model is None:
+        with accelerator.main_process_first():
+            teacher_path = str(default_teacher_dir(args.cache_dir))
+        logger.info(f"No --pretrained_teacher_model: using the embedded tiny SD1.5 teacher at {teacher_path}.")
+        teacher_id = TINY_TEACHER_ID
+    else:
+        teacher_path = args.pretrained_teacher_model
+        teacher_id = f"{teacher_path}@{args.revision}/{args.variant}"
+    with accelerator.main_process_first():
+        teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir, args.teacher_config)
+    return teacher, teacher_id
+
+
+def teacher_resolution(teacher: TeacherComponents) -> int:
+    """The teacher's native image size: ``sample_size * 2^(VAE blocks - 1)`` (512 for SD1.5)."""
+    return int(teacher.unet.config.sample_size) * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+
+
 def _student_unet_folder(path: Path) -> tuple[Path, str | None]:
     """Where a UNet lives in ``path``: a UNet folder, a pipeline folder (``unet/``) or a checkpoint (``unet/``)."""
     if (path / "config.json").is_file():
