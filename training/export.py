@@ -37,22 +37,27 @@ def _fresh(path: Path) -> None:
         raise FileExistsError(f"{path} exists already; use a new --output_dir (nothing is overwritten).")
 
 
-def save_flow_lune_pipeline(folder: Path, student_unet: Any, teacher: Any, shift: float) -> Path:
-    """A ``FlowLunePipeline`` folder: the student UNet (fp32), the teacher's VAE/text encoder/tokenizer and a
-    ``FlowLuneScheduler(shift=shift)``; written to a temporary folder and renamed."""
+def student_pipeline(student_unet: Any, teacher: Any, shift: float) -> Any:
+    """The student as a ``FlowLunePipeline`` over the teacher's VAE, text encoder and tokenizer (no copies)."""
     from flow_lune.pipelines import FlowLunePipeline
     from flow_lune.schedulers import FlowLuneScheduler
 
-    folder = Path(folder)
-    _fresh(folder)
-    check_finite_parameters(student_unet)
-    pipe = FlowLunePipeline(
+    return FlowLunePipeline(
         vae=teacher.vae,
         text_encoder=teacher.text_encoder,
         tokenizer=teacher.tokenizer,
         unet=student_unet,
         scheduler=FlowLuneScheduler(shift=shift),
     )
+
+
+def save_flow_lune_pipeline(folder: Path, student_unet: Any, teacher: Any, shift: float) -> Path:
+    """A ``FlowLunePipeline`` folder: the student UNet (fp32), the teacher's VAE/text encoder/tokenizer and a
+    ``FlowLuneScheduler(shift=shift)``; written to a temporary folder and renamed."""
+    folder = Path(folder)
+    _fresh(folder)
+    check_finite_parameters(student_unet)
+    pipe = student_pipeline(student_unet, teacher, shift)
     atomic_folder(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return folder
 

@@ -257,7 +257,8 @@ def log_validation(
     from diffusers import StableDiffusionPipeline
 
     from flow_lune.pipelines import FlowLunePipeline
-    from flow_lune.schedulers import FlowLuneScheduler
+
+    from .export import student_pipeline
 
     unet = accelerator.unwrap_model(student)
     was_training = unet.training
@@ -266,13 +267,7 @@ def log_validation(
         ema.store(unet.parameters())
         ema.copy_to(unet.parameters())
     try:
-        student_pipe = FlowLunePipeline(
-            vae=teacher.vae,
-            text_encoder=teacher.text_encoder,
-            tokenizer=teacher.tokenizer,
-            unet=unet,
-            scheduler=FlowLuneScheduler(shift=shift),
-        )
+        student_pipe = student_pipeline(unet, teacher, shift)
         sd_pipe = StableDiffusionPipeline(
             vae=teacher.vae,
             text_encoder=teacher.text_encoder,
