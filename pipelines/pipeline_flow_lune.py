@@ -111,17 +111,20 @@ def retrieve_timesteps(
 def model_timesteps(
     scheduler: FlowLuneScheduler, sigmas: Sequence[float] | torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The timesteps the UNet is given, ``num_train_timesteps * sigma``, in ``dtype`` promoted to at least float32.
+    """The timesteps the UNet is given, ``num_train_timesteps * sigma``.
 
-    The scheduler keeps its grid in float32. For ``sigmas`` given by the caller the product is formed in float64
-    from the values given, so a float64 pipeline queries the model at exactly those sigmas; in float32 it equals
-    the scheduler's own ``timesteps`` bit for bit.
+    Without ``sigmas``: the scheduler's float32 ``timesteps`` (in ``dtype`` promoted to at least float32). For
+    ``sigmas`` given by the caller the product is formed and kept in float64 (float32 on MPS, which has no
+    float64), so a wrapped teacher (``from_teacher``) recovers exactly the sigmas given and queries the exact
+    teacher timesteps: one float32 ulp of ``1000 * sigma`` moves a teacher's t by about 3e-5 of a step. A UNet
+    casts its timesteps to float32 for the embedding itself.
     """
-    dtype = torch.promote_types(dtype, torch.float32)  # fp16 cannot resolve fractions of a step near 1000
     if sigmas is None:
-        return scheduler.timesteps.to(dtype)
+        return scheduler.timesteps.to(torch.promote_types(dtype, torch.float32))  # fp16 cannot resolve t near 1000
+    device = scheduler.timesteps.device
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()[: scheduler.num_inference_steps]
-    return (sigmas * scheduler.config.num_train_timesteps).to(device=scheduler.timesteps.device, dtype=dtype)
+    exact = torch.float32 if device.type == "mps" else torch.float64
+    return (sigmas * scheduler.config.num_train_timesteps).to(device=device, dtype=exact)
 
 
 class FlowLunePipeline(
