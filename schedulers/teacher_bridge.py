@@ -185,7 +185,7 @@ class EpsilonToFlowUNet(nn.Module):
     """An epsilon-prediction ``UNet2DConditionModel`` seen as a flow model.
 
     Called like a UNet with ``(x_sigma, timestep = 1000 * sigma, encoder_hidden_states, ...)``,
-    it returns the teacher-consistent velocity ``v*`` in ``.sample`` (as k-diffusion's
+    it returns the teacher-consistent velocity ``v*`` in ``.sample``, in ``x_sigma``'s dtype (as k-diffusion's
     ``external.py`` wraps a discrete eps model as a continuous denoiser).
     """
 
@@ -221,7 +221,8 @@ class EpsilonToFlowUNet(nn.Module):
         timestep = torch.as_tensor(timestep, device=sample.device)
         sigma = (timestep.to(torch.float64) / self.flow_timesteps).expand(sample.shape[0])  # float64 for t(sigma)
         query = teacher_query(sample, sigma, self.schedule)
-        eps_hat = self.unet(query.x_t, query.t, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+        x_t = query.x_t.to(self.unet.dtype)  # a float32 state may drive a half-precision teacher
+        eps_hat = self.unet(x_t, query.t, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
         v = velocity_from_eps(sample, sigma, eps_hat.to(sample.dtype), self.schedule)
         if not return_dict:
             return (v,)

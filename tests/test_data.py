@@ -203,9 +203,10 @@ def test_generated_latents_equal_ddim_of_the_teacher_and_are_reused(parts, tmp_p
     latents = collate([ds[i] for i in range(3)])["latents"]
     expected = ddim_reference(parts, ds.prompts, _noise_for_rows(range(3), (4, 8, 8), 7), 2, 3.0)
     rel = ((latents - expected).abs().max() / expected.abs().max()).item()
-    # Not 1e-6: the bridge gets t from a float32 sigma, one float32 ulp off DDIM's integer t (3e-5 at t = 501),
-    # and the tiny random UNet moves eps by ~1e-3 for that. A wrong formula is off by O(1), e.g. no guidance:
-    assert rel < 5e-3, rel
+    # The teacher is queried at DDIM's integer t exactly (float64 timesteps); what is left is float32 roundoff,
+    # amplified by the tiny random UNet: 2e-5 to 1.1e-4 by thread count. A wrong formula is off by O(1), e.g.
+    # no guidance:
+    assert rel < 5e-4, rel
     unguided = ddim_reference(parts, ds.prompts, _noise_for_rows(range(3), (4, 8, 8), 7), 2, 1.0)
     assert ((latents - unguided).abs().max() / unguided.abs().max()).item() > 0.05
     assert not torch.allclose(latents[0], latents[2])  # same prompt, own noise

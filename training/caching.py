@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from flow_lune.convert.hashing import file_sha256
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "flow_lune-cache"
@@ -45,15 +47,6 @@ def key_hash(key: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``key`` (sorted keys, no whitespace)."""
     text = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 2**22) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_listing_digest(folder: str | os.PathLike) -> str:

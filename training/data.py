@@ -498,18 +498,12 @@ def generate_latents(
     ``guided_velocity(v*(uncond), v*(cond), guidance)`` and ends at sigma = 0. Equal to DDIM (eta 0)
     with ``set_alpha_to_one=True`` over the raw UNet, per DESIGN.md section 2. Returns float32.
     """
-    from flow_lune.schedulers import (
-        FlowLuneScheduler,
-        TeacherSchedule,
-        guided_velocity,
-        noise_norm,
-        teacher_query,
-        velocity_from_eps,
-    )
+    from flow_lune.schedulers import EpsilonToFlowUNet, FlowLuneScheduler, guided_velocity, noise_norm
 
-    schedule = TeacherSchedule.from_scheduler_config(scheduler_config)
+    teacher = EpsilonToFlowUNet(unet, scheduler_config)
+    sigmas = generation_sigmas(scheduler_config, steps)  # float64
     flow = FlowLuneScheduler()
-    flow.set_timesteps(sigmas=generation_sigmas(scheduler_config, steps).float())
+    flow.set_timesteps(sigmas=sigmas.float())
     device, dtype = _device_of(unet), unet.dtype
     x = noise.to(device, torch.float32) * noise_norm(flow.sigmas[0]).to(device)
     b = x.shape[0]
@@ -518,10 +512,9 @@ def generate_latents(
     context = context.to(device, dtype)
     for k, timestep in enumerate(flow.timesteps):
         x_in = torch.cat([x, x]) if use_cfg else x
-        sigma = flow.sigmas[k].to(device).expand(x_in.shape[0])
-        query = teacher_query(x_in, sigma, schedule)
-        eps_hat = unet(query.x_t.to(dtype), query.t, encoder_hidden_states=context).sample.float()
-        v = velocity_from_eps(x_in, sigma, eps_hat, schedule)
+        # float64 timesteps: the teacher is queried at DDIM's integer timesteps exactly
+        t_exact = (sigmas[k] * flow.config.num_train_timesteps).to(device)
+        v = teacher(x_in, t_exact, encoder_hidden_states=context).sample
         if use_cfg:
             v = guided_velocity(*v.chunk(2), guidance)
         x = flow.step(v, timestep, x).prev_sample
