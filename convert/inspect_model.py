@@ -152,10 +152,9 @@ def _inspect_folder(path: Path) -> InspectReport:
 def _inspect_file(path: Path, allow_pickle: bool) -> InspectReport:
     if sniff_format(path) == "pickle":
         if path.suffix == ".safetensors" and not allow_pickle:
-            return InspectReport(
-                path,
-                "a PICKLE (torch.save) file named .safetensors: not safetensors, refused "
-                "(pass --allow-pickle to look inside with torch.load(weights_only=True))",
+            raise ConversionError(
+                f"{path} is a PICKLE (torch.save) file named .safetensors, not safetensors: refused, since loading "
+                "a pickle can run code; pass --allow-pickle to look inside with torch.load(weights_only=True)"
             )
         data = load_pickle(path, allow_pickle=True)
         if EARLIER_TRAINER_KEYS <= data.keys():

@@ -65,13 +65,21 @@ class SafetensorsHeader:
 
 
 def sniff_format(path: str | os.PathLike) -> str:
-    """``"safetensors"``, ``"pickle"`` (torch.save, zip or legacy) or ``"unknown"``, from the first bytes."""
+    """``"safetensors"``, ``"pickle"`` (torch.save, zip or legacy) or ``"unknown"``, from the first bytes.
+
+    The safetensors test comes first: a safetensors file starts with its header length (8 bytes, little
+    endian) and then ``{``, and about one header length in 256 starts with the byte 0x80 that also opens
+    a protocol-2+ pickle. A pickle's first 8 bytes read as a length are far beyond any header size (or are
+    not followed by ``{``), so testing the safetensors form first never takes a pickle for safetensors.
+    """
     with open(path, "rb") as f:
         head = f.read(9)
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= MAX_HEADER_BYTES:
+            return "safetensors"
     if head.startswith(PICKLE_ZIP_MAGIC) or (len(head) > 1 and head[0] == PICKLE_PROTO_BYTE and head[1] <= 5):
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     return "unknown"
 
 

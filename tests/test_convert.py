@@ -643,7 +643,9 @@ def test_pickle_named_safetensors(tiny_pipeline_dir, student_dir, tmp_path):
     torch.save(load_file(_tiny_single(student_dir, tmp_path)), fake)
     dst = tmp_path / "d"
     assert_refused(lambda: to_diffusers(fake, dst, config=tiny_pipeline_dir), dst, "pickle.*--allow-pickle")
-    assert "PICKLE" in inspect_path(fake).kind
+    with pytest.raises(ConversionError, match="PICKLE.*--allow-pickle"):
+        inspect_path(fake)
+    assert "pickle" in inspect_path(fake, allow_pickle=True).kind
     to_diffusers(fake, dst, config=tiny_pipeline_dir, allow_pickle=True)
     assert (dst / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     # Writing a pickle needs the flag too, and the .ckpt name.
