@@ -10,6 +10,7 @@ Absolute imports only: ``DiffusionPipeline.from_pretrained(..., custom_pipeline=
 this file into diffusers' module cache and imports it from there.
 """
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from diffusers.utils import USE_PEFT_BACKEND, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from flow_lune.pipelines.loading_checks import check_pretrained_path, is_url, missing_folder_message
 from flow_lune.schedulers import EpsilonToFlowUNet, FlowLuneScheduler, guided_velocity
 
 logger = logging.get_logger(__name__)
@@ -290,6 +292,43 @@ class FlowLunePipeline(
         final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
         return final_layer_norm(hidden_states[-(clip_skip + 1)])
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FlowLunePipeline":
+        """diffusers' ``from_pretrained``, after a plain check of a local path (see ``loading_checks``).
+
+        A path that can only be local and does not exist, a file, or a folder without ``model_index.json`` raises
+        ``ValueError`` naming the path and the fix, instead of diffusers' "neither a valid local path nor a valid
+        repo id". A name that could be a Hub repo id is tried there; if that fails too, the message says both.
+        """
+        local = check_pretrained_path(pretrained_model_name_or_path)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as err:
+            if local is not None:
+                raise
+            raise OSError(
+                f"{missing_folder_message(pretrained_model_name_or_path)}. As a Hub repo id it failed too: {err}"
+            ) from err
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, **kwargs) -> "FlowLunePipeline":
+        """diffusers' ``from_single_file``, after the converter's own checks of a local file.
+
+        ``flow_lune.convert.single_file_checks.check_flow_single_file`` reads the header first: a missing path,
+        a folder, a pickle, a truncated file, an SDXL/SD2/other file, a UNet-only file and an epsilon (or
+        unlabelled) SD1.5 file each raise one ``ValueError`` naming the file and the fix, before diffusers reads
+        anything. The scheduler is ``FlowLuneScheduler`` with the shift in the file's header (``flow_lune.shift``)
+        unless ``scheduler`` is passed; passing one also lets a flow file without the Flow Lune header load.
+        """
+        if not is_url(pretrained_model_link_or_path):
+            from flow_lune.convert.single_file_checks import check_flow_single_file
+
+            facts = check_flow_single_file(pretrained_model_link_or_path, declared_flow="scheduler" in kwargs)
+            if facts.shift is not None and "scheduler" not in kwargs:
+                kwargs["scheduler"] = FlowLuneScheduler(shift=facts.shift)
+            pretrained_model_link_or_path = str(facts.path)
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
     def check_inputs(
         self,
         prompt: str | list[str] | None,
@@ -340,6 +379,13 @@ class FlowLunePipeline(
             )
         if prompt_embeds is not None and prompt_embeds.ndim != 3:
             raise ValueError(f"prompt_embeds must be (batch, tokens, dim), got shape {tuple(prompt_embeds.shape)}.")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.ndim != 3:
+            raise ValueError(
+                f"negative_prompt_embeds must be (batch, tokens, dim), got shape {tuple(negative_prompt_embeds.shape)}."
+            )
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None:
+                self._check_embedding_width(name, embeds)
         if negative_prompt_embeds is not None and prompt_embeds is not None:
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(
@@ -376,6 +422,20 @@ class FlowLunePipeline(
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has {unknown}; "
                 f"the callback can receive {self._callback_tensor_inputs}."
+            )
+
+    def _check_embedding_width(self, name: str, embeds: torch.Tensor) -> None:
+        """``ValueError`` when ``embeds``' last dimension is not the UNet's cross-attention width (nor the text
+        encoder's hidden size): embeddings from another model (e.g. SDXL's 2048 or SD2's 1024 for SD1.5's 768)."""
+        width = embeds.shape[-1]
+        expected = self.unet.config.cross_attention_dim
+        widths = set(expected) if isinstance(expected, (list, tuple)) else {expected}
+        encoder = self.text_encoder.config.hidden_size if self.text_encoder is not None else None
+        if width not in widths or (encoder is not None and width != encoder):
+            raise ValueError(
+                f"{name} has width {width} (its last dimension), but this pipeline's UNet takes cross-attention "
+                f"width {expected} and its text encoder gives {encoder}: the embeddings come from another text "
+                f"encoder. Make them with this pipeline's (pipe.encode_prompt), or pass prompt strings."
             )
 
     def prepare_latents(
