@@ -8,8 +8,8 @@ from .errors import ConversionError
 from .inspect_model import InspectReport, UnetComparison, compare_unets, inspect_path
 from .keymaps import KeyPair, text_encoder_key_pairs, unet_key_pairs, vae_key_pairs
 from .to_diffusers import convert_to_diffusers
-from .to_single_file import ConversionResult, convert_to_single_file, workflow_path
-from .workflow import comfyui_workflow
+from .to_single_file import ConversionResult, convert_to_single_file, editor_workflow_path, workflow_path
+from .workflow import comfyui_editor_graph, comfyui_pnginfo, comfyui_workflow
 
 __all__ = [
     "ConversionError",
@@ -17,10 +17,13 @@ __all__ = [
     "InspectReport",
     "KeyPair",
     "UnetComparison",
+    "comfyui_editor_graph",
+    "comfyui_pnginfo",
     "comfyui_workflow",
     "compare_unets",
     "convert_to_diffusers",
     "convert_to_single_file",
+    "editor_workflow_path",
     "inspect_path",
     "text_encoder_key_pairs",
     "unet_key_pairs",

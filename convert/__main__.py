@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="guidance scale for the workflow (default 4.5 for flow, 7.5 for epsilon)")
     p.add_argument("--steps", type=int, default=20, help="Euler steps for the workflow (default 20)")
     p.add_argument("--title", help="modelspec.title (default: DST's name)")
-    p.add_argument("--no-workflow", action="store_true", help="do not write DST.workflow.json")
+    p.add_argument(
+        "--no-workflow",
+        action="store_true",
+        help="do not write the ComfyUI workflows DST.workflow.json (API format) and DST.workflow-editor.json",
+    )
     p.add_argument("--no-source-hash", action="store_true", help="skip the sha256 of the source files")
     _common(p)
 

@@ -25,7 +25,7 @@ from .sources import (
     open_ldm_source,
     resolve_path,
 )
-from .workflow import comfyui_workflow
+from .workflow import comfyui_editor_graph, comfyui_workflow
 from .writing import atomic_file, atomic_text, check_destination
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,6 +47,7 @@ class ConversionResult:
     num_tensors: int
     num_bytes: int
     workflow: Path | None = None
+    editor_workflow: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -57,14 +58,19 @@ class ConversionResult:
             f"parameters: {parts}; every source key mapped to exactly one destination key",
         ]
         if self.workflow is not None:
-            lines.append(f"ComfyUI workflow: {self.workflow}")
+            lines.append(f"ComfyUI workflow: {self.workflow} (API format), {self.editor_workflow} (editor format)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def workflow_path(dst: Path) -> Path:
-    """``model.safetensors`` -> ``model.workflow.json``."""
+    """``model.safetensors`` -> ``model.workflow.json``: the ComfyUI graph in API format."""
     return dst.with_suffix(".workflow.json")
+
+
+def editor_workflow_path(dst: Path) -> Path:
+    """``model.safetensors`` -> ``model.workflow-editor.json``: the same graph in ComfyUI's editor format."""
+    return dst.with_suffix(".workflow-editor.json")
 
 
 def resolve_config(comp: Component, config_dir: Path | None) -> tuple[dict, str]:
@@ -144,7 +150,8 @@ def convert_to_single_file(
     if dst.suffix == ".ckpt" and not allow_pickle:
         raise ConversionError(f"DST {dst} is a .ckpt pickle; pass --allow-pickle to write one, or name it .safetensors")
     wf_path = workflow_path(dst) if write_workflow else None
-    check_destination(dst, overwrite, *([wf_path] if wf_path else []))
+    editor_path = editor_workflow_path(dst) if write_workflow else None
+    check_destination(dst, overwrite, *([wf_path, editor_path] if write_workflow else []))
     config_dir = resolve_path(config) if config is not None else None
     if config_dir is not None and not config_dir.is_dir():
         raise ConversionError(f"--config {config_dir} is not a folder; give a local diffusers folder")
@@ -272,7 +279,8 @@ def convert_to_single_file(
             dst.name, shift=shift, cfg=cfg, steps=steps, width=size, height=size, unet_only="vae" not in components
         )
         atomic_text(wf_path, json.dumps(graph, indent=2) + "\n")
-        result.workflow = wf_path
+        atomic_text(editor_path, json.dumps(comfyui_editor_graph(graph), indent=2) + "\n")
+        result.workflow, result.editor_workflow = wf_path, editor_path
     return result
 
 
@@ -332,6 +340,7 @@ __all__ = [
     "Source",
     "convert_to_single_file",
     "workflow_path",
+    "editor_workflow_path",
     "DEFAULT_SHIFT",
     "DEFAULT_CFG",
     "DEFAULT_TEACHER_CFG",
