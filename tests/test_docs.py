@@ -94,3 +94,23 @@ def test_math_quotes_the_teachers_range():
     text = doc("math.md")
     assert f"sigma(0) = {float(schedule.sigma_min):.5f}" in text
     assert f"sigma(999) = {float(schedule.sigma_max):.5f}" in text
+
+
+def test_readme_install_and_gpu_sections():
+    """The CPU-only install line is PyTorch's CPU index; the memory estimate's parts are the models' sizes."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "an estimate, not a GPU\nmeasurement" in readme
+    sizes = {
+        name: sum(math.prod(s) for s in expected_shapes(name, builtin_config(name)).values())
+        for name in ("unet", "vae", "text_encoder")
+    }
+    unet = sizes["unet"]
+    assert f"{unet / 1e6:.1f}M parameters" in readme
+    assert f"fp32 weights {unet * 4 / 1e9:.2f} GB" in readme
+    assert f"two fp32 states {unet * 8 / 1e9:.2f} GB" in readme
+    assert f"`--use_8bit_adam`: {unet * 2 / 1e9:.2f} GB" in readme
+    assert f"teacher UNet in bf16 {unet * 2 / 1e9:.2f} GB" in readme
+    assert f"text encoder in fp32 {(sizes['vae'] + sizes['text_encoder']) * 4 / 1e9:.2f} GB" in readme
+    for name in ("ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml"):
+        assert f"`{name}`" in readme and (ROOT / "configs" / "accelerate" / name).is_file()
