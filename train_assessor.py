@@ -100,19 +100,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def teacher_states(dataset, indices, sigma, generator, uncond_prob, empty_embeds):
     """x0 and prompt embeddings of ``indices`` with seeded prompt dropout; sigma as given."""
-    from flow_lune.training.data import collate
+    from flow_lune.training.data import collate, drop_prompts
 
     batch = collate([dataset[int(i)] for i in indices])
-    drop = torch.rand(len(indices), generator=generator) < uncond_prob
-    embeds = torch.where(drop[:, None, None], empty_embeds[None].to(batch["prompt_embeds"]), batch["prompt_embeds"])
-    return batch["latents"], embeds, sigma
+    return batch["latents"], drop_prompts(batch["prompt_embeds"], empty_embeds, uncond_prob, generator), sigma
 
 
 def main(args: argparse.Namespace) -> None:
     from diffusers.optimization import get_scheduler
 
-    from flow_lune.schedulers.flow import flow_state
-    from flow_lune.schedulers.sigma_sampling import SigmaSampler
+    from flow_lune.flow import SigmaSampler, flow_state
     from flow_lune.training.assessor import (
         Assessor,
         AssessorConfig,
@@ -123,7 +120,7 @@ def main(args: argparse.Namespace) -> None:
         make_views,
     )
     from flow_lune.training.block_features import BLOCK_NAMES, block_channels
-    from flow_lune.training.data import DataConfig, TeacherParts, collate, prepare_training_data
+    from flow_lune.training.data import DataConfig, collate, drop_prompts, prepare_training_data
     from flow_lune.training.models import load_teacher_from_args, teacher_resolution
     from flow_lune.training.profile import ProfileAccumulator, save_profile, stratified_sigmas
 
@@ -155,8 +152,7 @@ def main(args: argparse.Namespace) -> None:
     # 3. Data: the trainer's sources and caches
     data_cfg = DataConfig.from_args(args)
     data_cfg.teacher_id = teacher_id
-    parts = TeacherParts(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet, teacher.scheduler_config)
-    dataset = prepare_training_data(data_cfg, parts, accelerator)
+    dataset = prepare_training_data(data_cfg, teacher, accelerator)
     empty_embeds = dataset.empty_prompt_embeds
     loader_gen = torch.Generator().manual_seed(args.seed)
     dataloader = torch.utils.data.DataLoader(
@@ -232,8 +228,7 @@ def main(args: argparse.Namespace) -> None:
             x0 = batch["latents"].float()
             if len(x0) < 2:
                 continue  # a last batch of one has no negatives
-            drop = torch.rand(len(x0), generator=step_gen) < args.uncond_prob
-            embeds = torch.where(drop[:, None, None].to(x0.device), empty_embeds.to(x0), batch["prompt_embeds"])
+            embeds = drop_prompts(batch["prompt_embeds"], empty_embeds, args.uncond_prob, step_gen)
             sigma = sampler.sample(len(x0), step_gen).to(x0.device)
             views = make_views(x0, sigma, train_cfg, step_gen)
             both = features(

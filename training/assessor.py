@@ -36,8 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flow_lune.atomic import atomic_file
-
-from .fusion import FusionConfig, fuse_block_weights
+from flow_lune.flow import SIGMA_MIN, flow_state, sigma_to_bin
 
 __all__ = [
     "AssessorConfig",
@@ -47,9 +46,7 @@ __all__ = [
     "CompanionOutput",
     "BlockCompanion",
     "Assessor",
-    "AssessorBlockWeighting",
     "TeacherBlockFeatures",
-    "sigma_to_bin",
     "timestep_error",
     "pattern_entropy",
     "coherence",
@@ -68,14 +65,6 @@ PROFILE_IMAGE_NAME = "profile.png"
 
 
 # ----------------------------------------------------------------------------------------------- formulas
-
-
-def sigma_to_bin(sigma: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Bin index of ``sigma`` among ``num_bins`` equal bins over [0, 1]: ``min(floor(sigma * num_bins), num_bins - 1)``.
-
-    The same binning as ``AdaptiveSigmaSampler`` (sigma = 1 falls in the last bin).
-    """
-    return (sigma.detach().to(torch.float64) * num_bins).floor().long().clamp(0, num_bins - 1)
 
 
 def timestep_error(timestep_logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -195,7 +184,7 @@ class AssessorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AssessorConfig:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"_class_name", "_flow_lune_version"})
+        unknown = sorted(set(d) - known - {"_class_name"})
         if unknown:
             raise ValueError(f"Unknown assessor config keys {unknown}; this config was not written by AssessorConfig.")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -236,9 +225,6 @@ class BlockCompanion(nn.Module):
         logits = self.heads(F.silu(self.trunk_out(h_trunk)))
         z = F.normalize(self.embed_out(h_embed), dim=-1)
         return CompanionOutput(z, logits[:, : self.num_bins], logits[:, self.num_bins :])
-
-    def embedding(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.forward(pooled).embedding
 
     def pattern_labels(self, pooled: torch.Tensor) -> torch.Tensor:
         """Nearest centroid of the standardised features: the k-means pattern of each sample."""
@@ -289,10 +275,6 @@ class Assessor(nn.Module):
     def forward(self, pooled: Sequence[torch.Tensor]) -> list[CompanionOutput]:
         self.check_features(pooled)
         return [block(self._to(f)) for block, f in zip(self.blocks, pooled)]
-
-    def embeddings(self, pooled: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        self.check_features(pooled)
-        return [block.embedding(self._to(f)) for block, f in zip(self.blocks, pooled)]
 
     @torch.no_grad()
     def pattern_labels(self, pooled: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -425,8 +407,6 @@ def make_views(
     x0: torch.Tensor, sigma: torch.Tensor, cfg: AssessorTrainingConfig, generator: torch.Generator | None = None
 ) -> Views:
     """The contrastive pair: ``(x0, eps1, sigma)`` and ``(x0, sqrt(1-m^2) eps1 + m xi, clip(sigma + j n))``."""
-    from flow_lune.schedulers.flow import flow_state
-    from flow_lune.schedulers.sigma_sampling import SIGMA_MIN
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device="cpu").to(device=x0.device, dtype=x0.dtype)
@@ -499,65 +479,22 @@ def initialise_from_features(assessor: Assessor, pooled: Sequence[torch.Tensor],
 
 
 class TeacherBlockFeatures:
-    """Pooled block features of the eps teacher at flow states, from the trainer's own teacher call.
+    """Pooled block features of the eps teacher at flow states, from the one teacher query.
 
-    The forward is ``objective.teacher_velocity`` (``x_t = x_sigma / n(sigma)``, ``t = t(sigma)``, DESIGN.md
-    section 2) under the trainer's ``BlockFeatureHooks``, so the assessor sees the features the trainer gives it.
+    The forward is ``EpsilonToFlowUNet.velocity`` (``x_t = x_sigma / n(sigma)``, ``t = t(sigma)``, DESIGN.md
+    section 2) under ``BlockFeatureHooks``, so the assessor sees the features the trainer gives it.
     """
 
     def __init__(self, unet: nn.Module, scheduler_config: dict):
-        from flow_lune.schedulers.teacher_bridge import TeacherSchedule
+        from flow_lune.flow import EpsilonToFlowUNet
 
         self.unet = unet
-        self.schedule = TeacherSchedule.from_scheduler_config(scheduler_config)
+        self.teacher = EpsilonToFlowUNet(unet, scheduler_config)
 
     @torch.no_grad()
     def __call__(self, x_sigma: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
         from .block_features import BlockFeatureHooks
-        from .objective import teacher_velocity
 
         with BlockFeatureHooks(self.unet, pooled=True) as hooks:
-            teacher_velocity(self.unet, x_sigma, sigma, prompt_embeds, self.schedule)
+            self.teacher.velocity(x_sigma.float(), sigma.float(), prompt_embeds)
             return [f.float() for f in hooks.features]
-
-
-# ----------------------------------------------------------------------------------------------- trainer side
-
-
-class AssessorBlockWeighting:
-    """The trainer's ``BlockWeighting`` backed by an assessor: ``lambda_b`` from ``fuse_block_weights``."""
-
-    def __init__(self, assessor: Assessor, base_weights: Sequence[float], fusion: FusionConfig | None = None):
-        from .weighting import check_base_weights
-
-        base = check_base_weights(base_weights)
-        if len(base) != assessor.config.num_blocks:
-            raise ValueError(
-                f"base_weights has {base.numel()} values; the assessor has {assessor.config.num_blocks} blocks."
-            )
-        self.assessor = assessor.eval().requires_grad_(False)
-        self.fusion = fusion if fusion is not None else FusionConfig()
-        if not isinstance(self.fusion, FusionConfig):
-            raise TypeError(f"fusion must be a FusionConfig, got {type(self.fusion).__name__}.")
-        self.base_weights = base.to(assessor.blocks[0].feature_mean.device)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        base_weights: Sequence[float],
-        fusion: FusionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> AssessorBlockWeighting:
-        return cls(Assessor.from_pretrained(path, device=device), base_weights, fusion)
-
-    @torch.no_grad()
-    def __call__(
-        self, student_pooled: Sequence[torch.Tensor], teacher_pooled: Sequence[torch.Tensor], sigma: torch.Tensor
-    ):
-        from .weighting import BlockWeights
-
-        s = self.assessor.signals(student_pooled, teacher_pooled, sigma)
-        lam = fuse_block_weights(self.base_weights, s.e_t, s.e_p, s.coh, self.fusion)
-        device = sigma.device if isinstance(sigma, torch.Tensor) else lam.device  # as ConstantBlockWeighting
-        return BlockWeights(lam=lam.to(device), e_t=s.e_t.to(device), e_p=s.e_p.to(device), coh=s.coh.to(device))

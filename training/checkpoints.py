@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic ``checkpoint-N`` folders, diffusers-layout save/load hooks, random streams.
+"""Training checkpoints: atomic ``checkpoint-N`` folders, diffusers-layout save/load hooks, the epoch sampler.
 
 A checkpoint is written by ``accelerator.save_state`` into ``checkpoint-N.tmp`` and renamed to
 ``checkpoint-N`` only once every process has finished writing, so ``latest`` never names a partial one;
@@ -7,51 +7,28 @@ old checkpoints beyond ``--checkpoints_total_limit`` are deleted only after that
 The save hook writes the student in diffusers layout (``unet/``, loadable by
 ``UNet2DConditionModel.from_pretrained``; ``unet_lora/`` for LoRA) and the EMA weights (``unet_ema/``).
 
-Random streams are counter-based: the generator for (stream, epoch, batch) is seeded from a hash of
-``(seed, stream, process, epoch, batch)``. A resumed run draws exactly the numbers the uninterrupted run
-drew at the same batch, with nothing to store (and it holds for any number of processes).
+The epoch sampler's order is a function of ``(seed, epoch)`` (``seeds.stream_seed``), so with the trainer's
+counter-based random streams (``seeds.RandomStreams``) a resumed run continues at the exact batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .seeds import stream_seed
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-# ---------------------------------------------------------------- random streams
-
-
-def stream_seed(seed: int, stream: str, process_index: int, epoch: int, batch: int) -> int:
-    """A 63-bit seed from ``sha256("seed/stream/process/epoch/batch")``: independent streams, no state."""
-    digest = hashlib.sha256(f"{seed}/{stream}/{process_index}/{epoch}/{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class RandomStreams:
-    """The trainer's random numbers (sigma, noise, prompt dropout), a function of the batch position only."""
-
-    seed: int
-    process_index: int = 0
-
-    def generator(self, stream: str, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(
-            stream_seed(self.seed, stream, self.process_index, epoch, batch)
-        )
 
 
 # ---------------------------------------------------------------- folders

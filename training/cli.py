@@ -64,8 +64,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sigma_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training sigma density and shift of ``schedulers/sigma_sampling.py``."""
-    from flow_lune.schedulers import DENSITIES
+    """The training sigma density and shift of ``flow/sigmas.py``."""
+    from flow_lune.flow import DENSITIES
 
     parser.add_argument(
         "--weighting_scheme", type=str, default="uniform", choices=DENSITIES, help="Density of training sigmas."
@@ -80,7 +80,7 @@ def add_sigma_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_shared_arguments(args: argparse.Namespace) -> None:
     """One clear ValueError for bad teacher, data or sigma flags, before any work."""
-    from flow_lune.schedulers import SigmaSampler
+    from flow_lune.flow import SigmaSampler
     from flow_lune.training.data import DataConfig
 
     if not 0.0 <= args.uncond_prob <= 1.0:

@@ -31,15 +31,26 @@ TINY_TEACHER_NAME = "tiny-sd15-teacher"  # the embedded default teacher's folder
 
 @dataclass
 class TeacherComponents:
-    """The teacher pipeline's parts, frozen; ``unet`` is the epsilon model, ``scheduler_config`` its DDPM table."""
+    """The teacher pipeline's parts, frozen; ``unet`` is the epsilon model, ``scheduler_config`` its DDPM table.
+
+    It has what ``FlowLunePipeline.from_teacher`` reads from a Stable Diffusion pipeline, so the data caches'
+    generation and the trainer's validation sample the teacher through it directly.
+    """
 
     unet: Any  # UNet2DConditionModel
     vae: Any  # AutoencoderKL
     text_encoder: Any  # CLIPTextModel
     tokenizer: Any  # CLIPTokenizer
-    scheduler_config: dict
-    scheduler: Any  # the teacher's own scheduler (for its StableDiffusionPipeline in validation)
-    source: str  # what was loaded (path or Hub id), for logs and the model card
+    scheduler_config: dict  # as the teacher's scheduler_config.json holds it (part of the data cache keys)
+    scheduler: Any = None  # the teacher's own scheduler; None: built from scheduler_config
+    source: str = ""  # what was loaded (path or Hub id), for logs and the model card
+
+    def __post_init__(self) -> None:
+        if self.scheduler is None:
+            import diffusers
+
+            name = str(self.scheduler_config.get("_class_name"))
+            self.scheduler = getattr(diffusers, name, diffusers.DDPMScheduler).from_config(self.scheduler_config)
 
 
 def check_sd15_unet(unet: Any, what: str = "teacher") -> None:
@@ -161,7 +172,7 @@ def load_teacher(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from flow_lune.schedulers import TeacherSchedule
+    from flow_lune.flow import TeacherSchedule
 
     source = pretrained
     path = Path(pretrained).expanduser()
@@ -180,11 +191,7 @@ def load_teacher(
     tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
-    import diffusers
-
-    scheduler_cls = getattr(diffusers, str(scheduler_config.get("_class_name")), DDPMScheduler)
-    scheduler = scheduler_cls.from_config(scheduler_config)
-    return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, scheduler, source)
+    return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, source=source)
 
 
 TINY_TEACHER_ID = "flow_lune.tiny(seed=0)"  # the embedded default's identity in the data cache keys
