@@ -24,6 +24,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from flow_lune.training.assessor import AssessorConfig
+from flow_lune.training.assessor_training import AssessorTrainingConfig
 from flow_lune.training.cli import (
     add_data_arguments,
     add_sigma_arguments,
@@ -43,17 +45,42 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_sigma_arguments(parser)
 
     # ----------Assessor----------
-    parser.add_argument("--embed_dim", type=int, default=64, help="Size of each block's embedding.")
-    parser.add_argument("--hidden_dim", type=int, default=256, help="Hidden width of each companion.")
-    parser.add_argument("--num_bins", type=int, default=100, help="Sigma bins of the timestep head.")
-    parser.add_argument("--num_patterns", type=int, default=10, help="Patterns (k-means clusters) per block.")
+    parser.add_argument(
+        "--embed_dim", type=int, default=AssessorConfig.embed_dim, help="Size of each block's embedding."
+    )
+    parser.add_argument(
+        "--hidden_dim", type=int, default=AssessorConfig.hidden_dim, help="Hidden width of each companion."
+    )
+    parser.add_argument(
+        "--num_bins", type=int, default=AssessorConfig.num_bins, help="Sigma bins of the timestep head."
+    )
+    parser.add_argument(
+        "--num_patterns", type=int, default=AssessorConfig.num_patterns, help="Patterns (k-means clusters) per block."
+    )
     parser.add_argument(
         "--cluster_samples", type=int, default=1024, help="Teacher states for feature statistics and k-means."
     )
-    parser.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature.")
-    parser.add_argument("--view_sigma_jitter", type=float, default=0.05, help="Second view: sigma + jitter * N(0,1).")
-    parser.add_argument("--view_noise_mix", type=float, default=0.5, help="Second view: share of fresh noise.")
-    parser.add_argument("--timestep_label_width", type=float, default=2.0, help="Soft bin targets' std, in bins.")
+    parser.add_argument(
+        "--temperature", type=float, default=AssessorTrainingConfig.temperature, help="InfoNCE temperature."
+    )
+    parser.add_argument(
+        "--view_sigma_jitter",
+        type=float,
+        default=AssessorTrainingConfig.view_sigma_jitter,
+        help="Second view: sigma + jitter * N(0,1).",
+    )
+    parser.add_argument(
+        "--view_noise_mix",
+        type=float,
+        default=AssessorTrainingConfig.view_noise_mix,
+        help="Second view: share of fresh noise.",
+    )
+    parser.add_argument(
+        "--timestep_label_width",
+        type=float,
+        default=AssessorTrainingConfig.timestep_label_width,
+        help="Soft bin targets' std, in bins.",
+    )
     parser.add_argument(
         "--profile_samples", type=int, default=2500, help="Teacher states for the profile, spread evenly over bins."
     )
@@ -110,10 +137,8 @@ def main(args: argparse.Namespace) -> None:
     from diffusers.optimization import get_scheduler
 
     from flow_lune.flow import SigmaSampler, flow_state
-    from flow_lune.training.assessor import (
-        Assessor,
-        AssessorConfig,
-        AssessorTrainingConfig,
+    from flow_lune.training.assessor import Assessor
+    from flow_lune.training.assessor_training import (
         TeacherBlockFeatures,
         assessor_loss,
         initialise_from_features,
@@ -150,9 +175,9 @@ def main(args: argparse.Namespace) -> None:
     teacher.vae.to(accelerator.device)
 
     # 3. Data: the trainer's sources and caches
-    data_cfg = DataConfig.from_args(args)
-    data_cfg.teacher_id = teacher_id
-    dataset = prepare_training_data(data_cfg, teacher, accelerator)
+    data_config = DataConfig.from_args(args)
+    data_config.teacher_id = teacher_id
+    dataset = prepare_training_data(data_config, teacher, accelerator)
     empty_embeds = dataset.empty_prompt_embeds
     loader_gen = torch.Generator().manual_seed(args.seed)
     dataloader = torch.utils.data.DataLoader(
@@ -166,7 +191,7 @@ def main(args: argparse.Namespace) -> None:
     )
     features = TeacherBlockFeatures(teacher.unet, teacher.scheduler_config)
     sampler = SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
-    train_cfg = AssessorTrainingConfig(
+    training_config = AssessorTrainingConfig(
         temperature=args.temperature,
         view_sigma_jitter=args.view_sigma_jitter,
         view_noise_mix=args.view_noise_mix,
@@ -230,7 +255,7 @@ def main(args: argparse.Namespace) -> None:
                 continue  # a last batch of one has no negatives
             embeds = drop_prompts(batch["prompt_embeds"], empty_embeds, args.uncond_prob, step_gen)
             sigma = sampler.sample(len(x0), step_gen).to(x0.device)
-            views = make_views(x0, sigma, train_cfg, step_gen)
+            views = make_views(x0, sigma, training_config, step_gen)
             both = features(
                 torch.cat([views.x_sigma1, views.x_sigma2]),
                 torch.cat([views.sigma1, views.sigma2]),
@@ -244,7 +269,7 @@ def main(args: argparse.Namespace) -> None:
                     [f[n:] for f in both],
                     views.sigma1,
                     views.sigma2,
-                    train_cfg,
+                    training_config,
                     model=model,
                 )
                 accelerator.backward(loss.total)

@@ -130,12 +130,12 @@ def main() -> None:
         latents = torch.randn(args.num_rows, 4, 8, 8)
         rows = {"latents": latents.numpy().tolist(), "prompt": [f"prompt {i}" for i in range(args.num_rows)]}
         datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / "tiny-latents"))
-        cfg = DataConfig(latents_dataset=str(tmp / "tiny-latents"), cache_dir=str(tmp / "cache"), resolution=64)
+        config = DataConfig(latents_dataset=str(tmp / "tiny-latents"), cache_dir=str(tmp / "cache"), resolution=64)
         start = time.perf_counter()
-        prepare_training_data(cfg, parts, None)
+        prepare_training_data(config, parts, None)
         cold = time.perf_counter() - start
         start = time.perf_counter()
-        dataset = prepare_training_data(cfg, parts, None)  # warm: verify and open the caches
+        dataset = prepare_training_data(config, parts, None)  # warm: verify and open the caches
         warm = time.perf_counter() - start
         print(f"tiny caches ({args.num_rows} rows): cold build {cold:.2f} s, warm open (checksums) {warm:.3f} s")
 

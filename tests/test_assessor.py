@@ -11,19 +11,14 @@ from safetensors.torch import load_file, save_file
 
 from flow_lune.flow import SigmaSampler, flow_state, sigma_to_bin
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_unet
-from flow_lune.training.assessor import (
-    Assessor,
-    AssessorConfig,
+from flow_lune.training.assessor import Assessor, AssessorConfig
+from flow_lune.training.assessor_formulas import coherence, info_nce, kmeans, pattern_entropy, timestep_error
+from flow_lune.training.assessor_training import (
     AssessorTrainingConfig,
     TeacherBlockFeatures,
     assessor_loss,
-    coherence,
-    info_nce,
     initialise_from_features,
-    kmeans,
     make_views,
-    pattern_entropy,
-    timestep_error,
 )
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BLOCK_NAMES, block_channels
 from flow_lune.training.block_penalty import AssessorBlockPenalty

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flow_lune.flow import DENSITIES, SigmaSampler
+
+from .data import DataConfig
+
 
 def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     """``--pretrained_teacher_model``, ``--revision``, ``--variant``, ``--teacher_config``."""
@@ -34,25 +38,42 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl.")
-    parser.add_argument("--image_column", type=str, default="image", help="Image column of the dataset.")
-    parser.add_argument("--caption_column", type=str, default="text", help="Caption column of the dataset.")
+    parser.add_argument(
+        "--image_column", type=str, default=DataConfig.image_column, help="Image column of the dataset."
+    )
+    parser.add_argument(
+        "--caption_column", type=str, default=DataConfig.caption_column, help="Caption column of the dataset."
+    )
     parser.add_argument(
         "--resolution", type=int, default=None, help="Image size; default the teacher's (sample_size * 8)."
     )
     parser.add_argument("--center_crop", action="store_true", help="Centre crop (default: seeded random crop).")
     parser.add_argument("--random_flip", action="store_true", help="Seeded horizontal flips, one view per image.")
     parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset with latents and prompts.")
-    parser.add_argument("--latents_column", type=str, default="latents", help="Latents column of --latents_dataset.")
-    parser.add_argument("--prompt_column", type=str, default="prompt", help="Prompt column of --latents_dataset.")
+    parser.add_argument(
+        "--latents_column", type=str, default=DataConfig.latents_column, help="Latents column of --latents_dataset."
+    )
+    parser.add_argument(
+        "--prompt_column", type=str, default=DataConfig.prompt_column, help="Prompt column of --latents_dataset."
+    )
     parser.add_argument(
         "--prompts_file", type=str, default=None, help="One prompt per line; the teacher generates the latents."
     )
-    parser.add_argument("--num_generated", type=int, default=64, help="Latents the teacher generates.")
-    parser.add_argument("--generation_steps", type=int, default=25, help="Teacher sampling steps for generation.")
-    parser.add_argument("--generation_guidance", type=float, default=7.5, help="CFG scale for generation.")
+    parser.add_argument(
+        "--num_generated", type=int, default=DataConfig.num_generated, help="Latents the teacher generates."
+    )
+    parser.add_argument(
+        "--generation_steps",
+        type=int,
+        default=DataConfig.generation_steps,
+        help="Teacher sampling steps for generation.",
+    )
+    parser.add_argument(
+        "--generation_guidance", type=float, default=DataConfig.generation_guidance, help="CFG scale for generation."
+    )
     parser.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N rows.")
     parser.add_argument(
-        "--cache_dir", type=str, default="~/.cache/flow_lune", help="Latent/embedding caches and the tiny teacher."
+        "--cache_dir", type=str, default=DataConfig.cache_dir, help="Latent/embedding caches and the tiny teacher."
     )
     parser.add_argument(
         "--uncond_prob",
@@ -65,24 +86,32 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sigma_arguments(parser: argparse.ArgumentParser) -> None:
     """The training sigma density and shift of ``flow/sigmas.py``."""
-    from flow_lune.flow import DENSITIES
-
     parser.add_argument(
-        "--weighting_scheme", type=str, default="uniform", choices=DENSITIES, help="Density of training sigmas."
+        "--weighting_scheme",
+        type=str,
+        default=SigmaSampler.density,
+        choices=DENSITIES,
+        help="Density of training sigmas.",
     )
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean (SD3's default).")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal std (SD3's default).")
-    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode density scale (SD3 paper's).")
     parser.add_argument(
-        "--shift", type=float, default=3.0, help="Time shift of training and sampling sigmas (> 1: toward noise)."
+        "--logit_mean", type=float, default=SigmaSampler.logit_mean, help="logit_normal mean (SD3's default)."
+    )
+    parser.add_argument(
+        "--logit_std", type=float, default=SigmaSampler.logit_std, help="logit_normal std (SD3's default)."
+    )
+    parser.add_argument(
+        "--mode_scale", type=float, default=SigmaSampler.mode_scale, help="mode density scale (SD3 paper's)."
+    )
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=SigmaSampler.shift,
+        help="Time shift of training and sampling sigmas (> 1: toward noise).",
     )
 
 
 def check_shared_arguments(args: argparse.Namespace) -> None:
     """One clear ValueError for bad teacher, data or sigma flags, before any work."""
-    from flow_lune.flow import SigmaSampler
-    from flow_lune.training.data import DataConfig
-
     if not 0.0 <= args.uncond_prob <= 1.0:
         raise ValueError(f"--uncond_prob must be in [0, 1], got {args.uncond_prob}.")
     SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)  # checks

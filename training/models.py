@@ -59,15 +59,15 @@ def check_sd15_unet(unet: Any, what: str = "teacher") -> None:
 
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(f"The {what} UNet is a {type(unet).__name__}; Flow Lune needs a UNet2DConditionModel.")
-    cfg = unet.config
+    unet_config = unet.config
     problems = []
-    if tuple(cfg.down_block_types) != SD1_DOWN_TYPES:
-        problems.append(f"down_block_types={list(cfg.down_block_types)}")
-    if tuple(cfg.up_block_types) != SD1_UP_TYPES:
-        problems.append(f"up_block_types={list(cfg.up_block_types)}")
-    if cfg.in_channels != 4 or cfg.out_channels != 4:
-        problems.append(f"in/out channels {cfg.in_channels}/{cfg.out_channels}")
-    if cfg.get("addition_embed_type") is not None or cfg.get("class_embed_type") is not None:
+    if tuple(unet_config.down_block_types) != SD1_DOWN_TYPES:
+        problems.append(f"down_block_types={list(unet_config.down_block_types)}")
+    if tuple(unet_config.up_block_types) != SD1_UP_TYPES:
+        problems.append(f"up_block_types={list(unet_config.up_block_types)}")
+    if unet_config.in_channels != 4 or unet_config.out_channels != 4:
+        problems.append(f"in/out channels {unet_config.in_channels}/{unet_config.out_channels}")
+    if unet_config.get("addition_embed_type") is not None or unet_config.get("class_embed_type") is not None:
         problems.append("extra conditioning (addition_embed_type/class_embed_type, e.g. SDXL)")
     if problems:
         raise ValueError(

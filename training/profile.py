@@ -26,7 +26,8 @@ import torch
 from flow_lune.atomic import atomic_file
 from flow_lune.flow import RELIABILITY_THRESHOLD, sigma_to_bin
 
-from .assessor import PROFILE_IMAGE_NAME, PROFILE_NAME, Assessor, pattern_entropy
+from .assessor import PROFILE_IMAGE_NAME, PROFILE_NAME, Assessor
+from .assessor_formulas import pattern_entropy, timestep_error
 from .plots import plot_profile
 
 __all__ = [
@@ -115,8 +116,6 @@ class ProfileAccumulator:
 
     @torch.no_grad()
     def update(self, pooled: list[torch.Tensor], sigma: torch.Tensor) -> None:
-        from .assessor import timestep_error
-
         nk = self.assessor.config.num_bins
         bins = sigma_to_bin(sigma.flatten(), nk).cpu()
         self.count += torch.bincount(bins, minlength=nk).double()
