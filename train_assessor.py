@@ -14,14 +14,11 @@ other samples disagree (InfoNCE). It writes ``config.json``, ``model.safetensors
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from flow_lune.training.assessor import AssessorConfig
@@ -31,6 +28,7 @@ from flow_lune.training.cli import (
     add_sigma_arguments,
     add_teacher_arguments,
     check_shared_arguments,
+    start_run,
 )
 
 logger = get_logger(__name__)
@@ -149,20 +147,9 @@ def main(args: argparse.Namespace) -> None:
     from flow_lune.training.models import load_teacher_from_args, teacher_resolution
     from flow_lune.training.profile import ProfileAccumulator, save_profile, stratified_sigmas
 
-    # 1. Accelerator, logging, seed
+    # 1. Accelerator, logging, seed, output folder
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = start_run(args)
 
     # 2. Teacher (frozen, never prepared), in the mixed-precision dtype like the trainer's
     #    (the same teacher_id as train_flow_distill.py, so the two scripts share the data caches)

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from flow_lune.atomic import atomic_text
@@ -31,10 +28,9 @@ from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHo
 from flow_lune.training.block_penalty import build_block_penalty
 from flow_lune.training.checkpoints import (
     EpochShuffleSampler,
-    checkpoint_step,
     list_checkpoints,
     register_checkpoint_hooks,
-    resolve_resume,
+    resume_position,
     save_checkpoint,
 )
 from flow_lune.training.cli import (
@@ -42,6 +38,7 @@ from flow_lune.training.cli import (
     add_sigma_arguments,
     add_teacher_arguments,
     check_shared_arguments,
+    start_run,
 )
 from flow_lune.training.export import PIPELINE_DIRNAME, export_final, merge_lora, push_to_hub
 from flow_lune.training.fusion import FusionConfig
@@ -217,29 +214,17 @@ def trackable_config(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> Path:
     from diffusers import UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, cast_training_params
+    from diffusers.training_utils import EMAModel
 
     from flow_lune.training.data import DataConfig, collate, prepare_training_data
-    from flow_lune.training.models import build_student, load_teacher_from_args, teacher_resolution
+    from flow_lune.training.models import build_student, load_teacher_from_args, prepare_student, teacher_resolution
+    from flow_lune.training.optimization import build_lr_scheduler, build_optimizer
 
     # 1. Accelerator, logging, seed, output folder
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)  # anything outside our counter-based streams (LoRA init)
+    accelerator = start_run(args, args.gradient_accumulation_steps)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. Teacher: frozen, out of accelerator.prepare, queried in flow coordinates through the bridge
     teacher, teacher_id = load_teacher_from_args(args, accelerator)
@@ -253,22 +238,9 @@ def main(args: argparse.Namespace) -> Path:
     teacher.unet.to(accelerator.device, dtype=weight_dtype)
     teacher.vae.to(accelerator.device, dtype=torch.float32)  # VAE encoding in fp32
     teacher.text_encoder.to(accelerator.device, dtype=torch.float32)  # embeddings are cached; keep export exact
-    if args.lora_rank is not None:
-        from peft import LoraConfig
-
-        student.requires_grad_(False).to(dtype=weight_dtype)
-        student.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_alpha or args.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-            )
-        )
-        cast_training_params(student, dtype=torch.float32)
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    student.to(accelerator.device).train()
+    student = prepare_student(
+        student, accelerator.device, weight_dtype, args.lora_rank, args.lora_alpha, args.gradient_checkpointing
+    )
     ema = None
     if args.use_ema:
         ema = EMAModel(
@@ -311,31 +283,15 @@ def main(args: argparse.Namespace) -> Path:
     # 6. Optimizer and learning-rate schedule, sized to the real number of optimizer steps
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for p in student.parameters() if p.requires_grad]
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls, extra = bnb.optim.AdamW8bit, {}
-    else:
-        # fused=True: one kernel for all tensors; the per-tensor loop costs ~38% more on CPU (DESIGN.md section 9).
-        optimizer_cls, extra = torch.optim.AdamW, {"fused": accelerator.device.type in ("cpu", "cuda")}
-    optimizer = optimizer_cls(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **extra,
-    )
+    optimizer = build_optimizer(
+        student.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
+        args.adam_epsilon, args.use_8bit_adam, accelerator.device,
+    )  # fmt: skip
     batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
     num_update_steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-    # accelerate steps a prepared scheduler once per process per optimizer step, hence * num_processes.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+    lr_scheduler = build_lr_scheduler(
+        args.lr_scheduler, optimizer, args.lr_warmup_steps, max_train_steps, accelerator.num_processes
     )
 
     # 7. Prepare with accelerate; checkpoint hooks; trackers
@@ -354,22 +310,10 @@ def main(args: argparse.Namespace) -> Path:
     logger.info(f"  Gradient accumulation = {args.gradient_accumulation_steps}; optimizer steps = {max_train_steps}")
 
     # 8. Resume at the exact batch and step
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
-    if args.resume_from_checkpoint and resume_path is None:
-        logger.info(f"No checkpoint in {output_dir} to resume from; starting a new run.")
-    if resume_path is not None:
-        later = [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume_path)]
-        if later:
-            raise ValueError(
-                f"Resuming from {resume_path.name} would overwrite the later checkpoints {later}; move them away "
-                "or resume from 'latest'."
-            )
-        logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        global_step = checkpoint_step(resume_path)
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, resume_batches = resume_position(
+        accelerator, args.resume_from_checkpoint, output_dir, num_update_steps_per_epoch,
+        args.gradient_accumulation_steps,
+    )  # fmt: skip
     if accelerator.is_main_process:
         name = (
             "args.json" if global_step == 0 and not (output_dir / "args.json").exists() else f"args-{global_step}.json"

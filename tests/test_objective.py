@@ -1,4 +1,4 @@
-"""The distillation objective, block hooks and block weighting, against independent recomputations."""
+"""The distillation objective against independent recomputations, and that training needs the right target."""
 
 import copy
 import math
@@ -11,12 +11,9 @@ from flow_lune.flow import EpsilonToFlowUNet, TeacherSchedule, flow_state, teach
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_unet
 from flow_lune.training.block_features import (
     BASE_BLOCK_WEIGHTS,
-    BLOCK_NAMES,
     BlockFeatureHooks,
-    block_channels,
-    pool_block_output,
 )
-from flow_lune.training.block_penalty import BlockWeights, ConstantBlockPenalty, build_block_penalty
+from flow_lune.training.block_penalty import ConstantBlockPenalty
 from flow_lune.training.objective import (
     ObjectiveConfig,
     block_kd,
@@ -61,41 +58,6 @@ class Wrapper(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-
-# ---------------------------------------------------------------- block features
-
-
-def test_hooks_capture_nine_pooled_blocks_and_detach():
-    unet = tiny_unet(0)
-    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), _cond(2)
-    with BlockFeatureHooks(unet, pooled=False) as full, BlockFeatureHooks(Wrapper(unet).module) as pooled:
-        Wrapper(unet)(x, t, c)
-        maps, feats = full.features, pooled.features
-    assert len(feats) == len(BLOCK_NAMES) == 9
-    assert [f.shape[1] for f in feats] == block_channels(unet) == [32, 32, 64, 64, 64, 64, 64, 32, 32]
-    for m, f in zip(maps, feats):
-        assert m.ndim == 4
-        torch.testing.assert_close(f, m.mean(dim=(2, 3)), rtol=0, atol=0)
-    # Outside the context the hooks are gone: a new forward captures nothing.
-    hooks = BlockFeatureHooks(unet)
-    unet(x, t, c)
-    with pytest.raises(RuntimeError, match="No features captured"):
-        _ = hooks.features
-
-
-def test_pool_block_output_takes_first_of_tuple():
-    h = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
-    expected = torch.stack([torch.stack([h[b, c].sum() / 20 for c in range(3)]) for b in range(2)])
-    torch.testing.assert_close(pool_block_output((h, (torch.zeros(1),))), expected)
-    torch.testing.assert_close(pool_block_output(h), expected)
-    with pytest.raises(TypeError):
-        pool_block_output(torch.zeros(2, 3))
-
-
-def test_hooks_reject_a_model_without_sd15_blocks():
-    with pytest.raises(ValueError, match="down_blocks.0"):
-        BlockFeatureHooks(nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------- loss formulas
@@ -211,17 +173,6 @@ def test_distillation_loss_assembles_one_teacher_forward():
     out.loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is None for p in teacher.parameters())
-
-
-def test_constant_weighting_and_builder():
-    weighting = build_block_penalty("none", BASE_BLOCK_WEIGHTS, fusion=None, device="cpu")
-    assert isinstance(weighting, ConstantBlockPenalty)
-    feats = [torch.randn(2, 3) for _ in range(9)]
-    out = weighting(feats, feats, torch.tensor([0.5, 0.5]))
-    assert isinstance(out, BlockWeights) and out.e_t is None
-    torch.testing.assert_close(out.lam, torch.tensor(BASE_BLOCK_WEIGHTS))
-    with pytest.raises(ValueError, match="9 finite values"):
-        ConstantBlockPenalty([1.0, 2.0])
 
 
 # ---------------------------------------------------------------- training works, and only with the right target

@@ -186,3 +186,31 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(stream_seed(self.seed, "data_order", 0, self.epoch, 0))
         yield from torch.randperm(self.num_samples, generator=generator).tolist()
+
+
+def resume_position(
+    accelerator: Any,
+    resume_from_checkpoint: str | None,
+    output_dir: str | os.PathLike,
+    num_update_steps_per_epoch: int,
+    gradient_accumulation_steps: int,
+) -> tuple[int, int, int]:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return ``(global_step, first_epoch,
+    batches to skip in that epoch)``; ``(0, 0, 0)`` for a new run. Refuses to resume below a later checkpoint."""
+    resume_path = resolve_resume(resume_from_checkpoint, output_dir)
+    if resume_from_checkpoint and resume_path is None:
+        logger.info("No checkpoint in %s to resume from; starting a new run.", output_dir)
+    if resume_path is None:
+        return 0, 0, 0
+    later = [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume_path)]
+    if later:
+        raise ValueError(
+            f"Resuming from {resume_path.name} would overwrite the later checkpoints {later}; move them away "
+            "or resume from 'latest'."
+        )
+    logger.info("Resuming from %s", resume_path)
+    accelerator.load_state(str(resume_path))
+    global_step = checkpoint_step(resume_path)
+    first_epoch = global_step // num_update_steps_per_epoch
+    resume_batches = (global_step % num_update_steps_per_epoch) * gradient_accumulation_steps
+    return global_step, first_epoch, resume_batches

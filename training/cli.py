@@ -1,4 +1,4 @@
-"""Command-line flags that the trainer and the assessor's trainer share, with their checks.
+"""What the trainer and the assessor's trainer share: command-line flags, their checks, and the run's start.
 
 Both scripts must read the same teacher, data and training sigmas (the assessor is trained on what
 the student will see), so the flags are defined once here.
@@ -7,7 +7,9 @@ the student will see), so the flags are defined once here.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+from typing import Any
 
 from flow_lune.flow import DENSITIES, SigmaSampler
 
@@ -125,3 +127,27 @@ def check_shared_arguments(args: argparse.Namespace) -> None:
     data_args = argparse.Namespace(**vars(args))
     data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
     DataConfig.from_args(data_args).check()
+
+
+def start_run(args: argparse.Namespace, gradient_accumulation_steps: int = 1) -> Any:
+    """The run's ``Accelerator`` (trackers from ``--report_to``, logs under ``--output_dir/--logging_dir``),
+    logging configured, ``set_seed(--seed)`` for anything outside the counter-based streams, the output folder
+    made on the main process."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.getLogger(__name__).info(accelerator.state)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return accelerator

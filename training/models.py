@@ -252,3 +252,35 @@ def build_student(teacher_unet: torch.nn.Module, student_model: str | None = Non
                 f"{student.config.cross_attention_dim} vs {teacher_unet.config.cross_attention_dim})."
             )
     return student.to(torch.float32).requires_grad_(True).train()
+
+
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")  # diffusers'
+
+
+def prepare_student(
+    student: torch.nn.Module,
+    device: torch.device | str,
+    weight_dtype: torch.dtype = torch.float32,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """The student ready to train on ``device``: full fine-tuning in fp32, or a peft LoRA of ``lora_rank``
+    (alpha defaults to the rank; Gaussian init; fp32 adapter over a ``weight_dtype`` frozen base)."""
+    if lora_rank is not None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        student.requires_grad_(False).to(dtype=weight_dtype)
+        student.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha or lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(LORA_TARGETS),
+            )
+        )
+        cast_training_params(student, dtype=torch.float32)
+    if gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student.to(device).train()

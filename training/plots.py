@@ -33,6 +33,7 @@ class Series:
     color: Any = None  # any matplotlib colour; None: the next of the default cycle
     linestyle: str = "-"  # "-" solid, "--" dashed, ":" dotted
     zorder: float = 2.0  # higher is drawn on top
+    linewidth: float = 2.0  # points
 
 
 def new_figure(size: tuple[int, int] = (800, 450)) -> Any:
@@ -67,7 +68,8 @@ def line_chart(
     ax = figure.add_subplot()
     for s in series:
         marker = "o" if len(s.x) == 1 else None
-        ax.plot(s.x, s.y, label=s.label, color=s.color, linestyle=s.linestyle, zorder=s.zorder, marker=marker, lw=2)
+        style = dict(color=s.color, linestyle=s.linestyle, zorder=s.zorder, marker=marker, linewidth=s.linewidth)
+        ax.plot(s.x, s.y, label=s.label, **style)
     if logy:
         ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -123,7 +125,7 @@ def lambda_series(records: Sequence[Mapping]) -> list[Series]:
     """lambda_b per block over steps: down blocks blue, mid black, up blocks red and dashed on top.
 
     down_blocks.i and up_blocks.(3-i) share their base weight (without an assessor lambda_b = w_b), so the dashed
-    line shows over the solid one, and the legend names every block whose values equal another's exactly.
+    line is drawn over a wider solid one, and the legend names every block whose values equal another's exactly.
     """
     from matplotlib import colormaps
 
@@ -141,7 +143,8 @@ def lambda_series(records: Sequence[Mapping]) -> list[Series]:
         else:
             color = "black"
         label = name + (f" = {BLOCK_NAMES[hidden[b]]}" if b in hidden else "")
-        out.append(Series(steps, values[b], label, color, "--" if up else "-", 3.0 if up else 2.0))
+        # the solid line is wider than the dashed one drawn over it, so both stay visible where they coincide
+        out.append(Series(steps, values[b], label, color, "--" if up else "-", 3.0 if up else 2.0, 2.0 if up else 4.0))
     return out
 
 
