@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -40,11 +39,11 @@ from flow_lune.training.cli import (
     check_shared_arguments,
     start_run,
 )
-from flow_lune.training.export import PIPELINE_DIRNAME, export_final, merge_lora, push_to_hub
+from flow_lune.training.export import PIPELINE_DIRNAME, SUMMARY_FLAGS, export_final, final_student, push_to_hub
 from flow_lune.training.fusion import FusionConfig
-from flow_lune.training.metrics import MetricsWriter, metrics_record, read_metrics, tracker_scalars
+from flow_lune.training.metrics import TrainingLog, read_metrics
 from flow_lune.training.objective import ObjectiveConfig
-from flow_lune.training.plots import plot_lambda, plot_losses
+from flow_lune.training.plots import plot_training
 from flow_lune.training.seeds import RandomStreams
 from flow_lune.training.step import DistillationStep
 from flow_lune.training.validation import log_validation
@@ -319,7 +318,7 @@ def main(args: argparse.Namespace) -> Path:
             "args.json" if global_step == 0 and not (output_dir / "args.json").exists() else f"args-{global_step}.json"
         )
         atomic_text(output_dir / name, json.dumps(vars(args), indent=2, default=str))
-    metrics = MetricsWriter(output_dir / "metrics.jsonl") if accelerator.is_main_process else None
+    training_log = TrainingLog(accelerator, output_dir / "metrics.jsonl", total_batch_size, global_step)
 
     # 9. Train: one DistillationStep per micro-batch; logging, checkpoints and validation at optimizer steps
     step = DistillationStep(
@@ -330,7 +329,6 @@ def main(args: argparse.Namespace) -> Path:
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    last_log_time, last_log_step = time.perf_counter(), global_step
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -348,19 +346,10 @@ def main(args: argparse.Namespace) -> Path:
                 ema.step(student.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                means = step.take_means()
-                now = time.perf_counter()
-                speed = (global_step - last_log_step) * total_batch_size / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, global_step
-                if step.last_out is not None:
-                    record = metrics_record(
-                        global_step, lr_scheduler.get_last_lr()[0], means[0], means[1], means[2:],
-                        step.last_out.block_weights, speed, step.skipped_steps,
-                    )  # fmt: skip
-                    if metrics is not None:
-                        metrics.write(record)
-                    accelerator.log(tracker_scalars(record), step=global_step)
-                    progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{speed:.1f}")
+                record = training_log.log(global_step, lr_scheduler.get_last_lr()[0], step)
+                if record is not None:
+                    speed = f"{record['samples_per_second']:.1f}"
+                    progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=speed)
 
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
@@ -386,26 +375,11 @@ def main(args: argparse.Namespace) -> Path:
             accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
             args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
         )  # fmt: skip
-        metrics.close()
-        records = read_metrics(output_dir / "metrics.jsonl")
-        if records:
-            plot_lambda(records, output_dir / "lambda.png")
-            plot_losses(records, output_dir / "loss.png")
-        unet = accelerator.unwrap_model(student)
-        if ema is not None:
-            ema.copy_to(unet.parameters())
-        if args.lora_rank is not None:
-            unet = merge_lora(unet)
-        summary = {
-            k: getattr(args, k)
-            for k in (
-                "learning_rate", "lr_scheduler", "train_batch_size", "gradient_accumulation_steps", "shift",
-                "weighting_scheme", "loss_weighting", "kd_weight", "block_penalty_weight", "assessor", "uncond_prob",
-                "lora_rank", "use_ema", "mixed_precision", "seed",
-            )
-        }  # fmt: skip
-        summary["max_train_steps"] = max_train_steps
-        summary["processes"] = accelerator.num_processes
+        training_log.close()
+        plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)
+        unet = final_student(accelerator, student, ema, lora=args.lora_rank is not None)
+        summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
+        summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
         result = export_final(
             output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file
         )

@@ -7,8 +7,8 @@ Modules (imported on first use, so ``import flow_lune.training`` stays cheap):
 - ``block_features``: the nine UNet blocks, forward hooks, pooled features;
 - ``block_penalty``: lambda_b of the KD penalty, constant (``--assessor none``) or from the assessor;
 - ``fusion``, ``assessor``, ``profile``: the geometric assessor, the fusion of its signals, its profile;
-- ``data`` (config, dataset, entry point), ``sources``, ``encoding``, ``data_caches``, ``caching``, ``prompts``:
-  cached latents and text embeddings (DESIGN.md section 3);
+- ``data`` (dataset, entry point), ``data_config``, ``sources``, ``encoding``, ``data_caches``, ``caching``,
+  ``prompts``: cached latents and text embeddings (DESIGN.md section 3);
 - ``seeds``: every seed derived from ``--seed`` (random streams, per-row streams);
 - ``models``: loading the teacher, building the student;
 - ``checkpoints``: atomic checkpoints, diffusers-layout hooks, the epoch sampler;

@@ -13,7 +13,7 @@ from typing import Any
 
 from flow_lune.flow import DENSITIES, SigmaSampler
 
-from .data import DataConfig
+from .data_config import DataConfig
 
 
 def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:

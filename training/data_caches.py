@@ -23,7 +23,7 @@ from .seeds import row_noise
 from .sources import ResolvedSource, check_latent_shape, sha256_json
 
 if TYPE_CHECKING:
-    from .data import DataConfig
+    from .data_config import DataConfig
     from .models import TeacherComponents
 
 DATA_VERSION = 1  # in every cache key: bump when preprocessing or generation changes meaning

@@ -19,7 +19,7 @@ import torch
 from .seeds import row_rng
 
 if TYPE_CHECKING:
-    from .data import DataConfig
+    from .data_config import DataConfig
     from .models import TeacherComponents
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .block_features import BLOCK_NAMES
+
+if TYPE_CHECKING:
+    from .step import DistillationStep
 
 
 def _to_list(x: Any) -> list[float] | None:
@@ -77,3 +81,34 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             record = json.loads(line)
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+class TrainingLog:
+    """The trainer's log at optimizer steps: the step's means since the last record, lambda_b and the speed,
+    to ``metrics.jsonl`` (main process) and to the trackers."""
+
+    def __init__(self, accelerator: Any, path: str | os.PathLike, total_batch_size: int, global_step: int):
+        self.accelerator = accelerator
+        self.writer = MetricsWriter(path) if accelerator.is_main_process else None
+        self.total_batch_size = total_batch_size  # samples per optimizer step over all processes
+        self.last_time, self.last_step = time.perf_counter(), global_step
+
+    def log(self, global_step: int, lr: float, step: DistillationStep) -> dict | None:
+        """Write one record from ``step``'s sums (reset here); None before any finite micro-batch."""
+        means = step.take_means()
+        now = time.perf_counter()
+        speed = (global_step - self.last_step) * self.total_batch_size / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, global_step
+        if step.last_out is None:
+            return None
+        record = metrics_record(
+            global_step, lr, means[0], means[1], means[2:], step.last_out.block_weights, speed, step.skipped_steps
+        )
+        if self.writer is not None:
+            self.writer.write(record)
+        self.accelerator.log(tracker_scalars(record), step=global_step)
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -164,3 +164,11 @@ def plot_losses(records: Sequence[Mapping], path: str | os.PathLike) -> Path:
 def plot_profile(block_names: Sequence[str], tables: Sequence[tuple[str, Any]], path: str | os.PathLike) -> Path:
     """The assessor's profile: one heat map per table (blocks x sigma bins, left clean, right pure noise)."""
     return heatmaps(tables, block_names, path, xlabel="sigma (bins; 0 = clean, 1 = pure noise)")
+
+
+def plot_training(records: Sequence[Mapping], output_dir: str | os.PathLike) -> list[Path]:
+    """The trainer's charts from its metrics records: ``lambda.png`` and ``loss.png`` in ``output_dir``."""
+    if not records:
+        return []
+    output_dir = Path(output_dir)
+    return [plot_lambda(records, output_dir / "lambda.png"), plot_losses(records, output_dir / "loss.png")]

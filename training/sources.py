@@ -22,7 +22,7 @@ from .caching import folder_listing_digest
 from .seeds import row_rng
 
 if TYPE_CHECKING:
-    from .data import DataConfig
+    from .data_config import DataConfig
 
 
 @dataclass
