@@ -37,11 +37,11 @@ class Series:
 
 
 def new_figure(size: tuple[int, int] = (800, 450)) -> Any:
-    """A matplotlib ``Figure`` of ``size`` pixels on the Agg canvas."""
+    """A matplotlib ``Figure`` of ``size`` pixels on the Agg canvas, laid out so that labels never overlap."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
@@ -75,7 +75,6 @@ def line_chart(
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    figure.tight_layout()
     return save_figure(figure, path)
 
 
@@ -92,8 +91,8 @@ def heatmaps(
     """Heat maps stacked vertically, ``(title, rows x columns table)`` each, rows labelled, one shared colour bar."""
     import numpy as np
 
-    figure = new_figure((900, 220 + 170 * len(panels)))
-    axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+    figure = new_figure((900, 80 + 190 * len(panels)))
+    axes = figure.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
     image = None
     for ax, (title, table) in zip(axes, panels):
         table = np.asarray(table, dtype=float)
@@ -104,7 +103,7 @@ def heatmaps(
         ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize="small")
         ax.set_title(title)
     axes[-1].set_xlabel(xlabel)
-    figure.colorbar(image, ax=list(axes), fraction=0.03, pad=0.02)
+    figure.colorbar(image, ax=list(axes), fraction=0.03, pad=0.01)
     return save_figure(figure, path)
 
 
