@@ -22,7 +22,14 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from flow_lune.atomic import atomic_text
-from flow_lune.flow import LOSS_WEIGHTINGS, RELIABILITY_THRESHOLD, EpsilonToFlowUNet, SigmaSampler
+from flow_lune.flow import (
+    ADAPTIVE_JITTER,
+    BASE_JITTER,
+    LOSS_WEIGHTINGS,
+    RELIABILITY_THRESHOLD,
+    EpsilonToFlowUNet,
+    SigmaSampler,
+)
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
 from flow_lune.training.block_penalty import build_block_penalty
 from flow_lune.training.checkpoints import (
@@ -98,8 +105,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="adaptive: sigma bins weighted by the assessor's profile (needs --assessor PATH).",
     )
     parser.add_argument("--reliability_threshold", type=float, default=RELIABILITY_THRESHOLD)
-    parser.add_argument("--base_jitter", type=float, default=1.0)
-    parser.add_argument("--adaptive_jitter", type=float, default=0.0)
+    parser.add_argument("--base_jitter", type=float, default=BASE_JITTER, help="Sigma jitter, in bin widths.")
+    parser.add_argument(
+        "--adaptive_jitter", type=float, default=ADAPTIVE_JITTER, help="How much a bin's pattern entropy widens it."
+    )
     # ----------Training Arguments----------
     parser.add_argument("--output_dir", type=str, default="flow-lune-output")
     parser.add_argument("--seed", type=int, default=0, help="Seeds data order, sigmas, noise, dropout, caches.")

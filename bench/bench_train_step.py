@@ -64,7 +64,7 @@ class Setup:
         self.step = DistillationStep(
             self.accelerator, self.student, self.teacher, self.s_hooks, self.t_hooks, ConstantBlockPenalty(),
             ObjectiveConfig(), self.sampler, RandomStreams(0), self.optimizer, self.lr_scheduler,
-            torch.zeros(77, cond_dim),
+            torch.zeros(77, cond_dim), uncond_prob=0.1, max_grad_norm=1.0, max_nonfinite_steps=10,
         )  # fmt: skip
         self.batch, self.latent, self.cond_dim = batch, latent, cond_dim
         self.step_index = 0

@@ -29,6 +29,8 @@ from .convention import (
 )
 from .loss_weight import LOSS_WEIGHTINGS, loss_weight
 from .sigmas import (
+    ADAPTIVE_JITTER,
+    BASE_JITTER,
     DENSITIES,
     RELIABILITY_THRESHOLD,
     SIGMA_MIN,
@@ -40,6 +42,8 @@ from .sigmas import (
 )
 
 __all__ = [
+    "ADAPTIVE_JITTER",
+    "BASE_JITTER",
     "DENSITIES",
     "FLOW_TIMESTEPS",
     "LOSS_WEIGHTINGS",

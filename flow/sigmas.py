@@ -19,6 +19,8 @@ from .convention import shift_sigma
 SIGMA_MIN = 1e-3  # below this the student's target is numerically the teacher's x0 error only
 DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
 RELIABILITY_THRESHOLD = 0.15  # bins the assessor reads less accurately than this give no opinion (DESIGN.md 4)
+BASE_JITTER = 1.0  # jitter width in bin widths: uniform over the drawn bin
+ADAPTIVE_JITTER = 0.0  # pattern entropy does not widen the jitter unless asked
 
 
 def cosmap_density(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -107,8 +109,8 @@ class AdaptiveSigmaSampler:
         accuracy: torch.Tensor,
         base: SigmaSampler | None = None,
         reliability_threshold: float = RELIABILITY_THRESHOLD,
-        base_jitter: float = 1.0,
-        adaptive_jitter: float = 0.0,
+        base_jitter: float = BASE_JITTER,
+        adaptive_jitter: float = ADAPTIVE_JITTER,
         jitter_scale: torch.Tensor | None = None,
         base_mass_samples: int = 200_000,
     ):

@@ -90,7 +90,7 @@ def image_folder(tmp_path_factory) -> Path:
 def test_image_folder_latents_are_vae_modes_of_the_cropped_flipped_images(parts, image_folder, tmp_path):
     cfg = DataConfig(train_data_dir=str(image_folder), resolution=64, random_flip=True, seed=1, cache_dir=str(tmp_path))
     ds = prepare_training_data(cfg, parts, None)
-    assert len(ds) == 5 and ds.source == "images"
+    assert len(ds) == 5 and ds.latents_cache.meta["source"] == "images"
     assert ds.prompts == [f"picture number {i}" for i in range(5)]
     transforms = ds.latents_cache.read_json("transforms.json")
     flips = [t["flip"] for t in transforms]
@@ -215,7 +215,7 @@ def test_generated_latents_equal_ddim_of_the_teacher_and_are_reused(parts, tmp_p
 def test_synthetic_default_source(parts, tmp_path):
     cfg = DataConfig(num_generated=2, generation_steps=1, resolution=32, seed=4, cache_dir=str(tmp_path))
     ds = prepare_training_data(cfg, parts, None)
-    assert ds.source == "synthetic" and ds.prompts == SyntheticPrompts(4).generate(2)
+    assert ds.latents_cache.meta["source"] == "synthetic" and ds.prompts == SyntheticPrompts(4).generate(2)
     assert ds[1]["latents"].shape == (4, 4, 4) and torch.isfinite(ds[1]["latents"]).all()
     assert ds[1]["prompt_embeds"].shape == (77, 32)
 

@@ -67,7 +67,6 @@ class LatentPromptDataset(torch.utils.data.Dataset):
     def __init__(self, latents_cache: CacheEntry, embeds_cache: CacheEntry, prompts: Sequence[str]):
         self.latents_cache = latents_cache
         self.embeds_cache = embeds_cache
-        self.source = latents_cache.meta.get("source")
         self.prompts = list(prompts)
         self._latents = ShardedRows("latents", latents_cache.shards("latents"))
         self._embeds = ShardedRows("prompt_embeds", embeds_cache.shards("prompt_embeds"))

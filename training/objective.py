@@ -99,7 +99,7 @@ def distillation_loss(
     eps: torch.Tensor,
     sigma: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    weighting: BlockPenalty,
+    block_penalty: BlockPenalty,
     config: ObjectiveConfig,
 ) -> DistillationOutput:
     """One batch of the objective above. ``student`` may be the accelerate-wrapped model; the hooks sit on the
@@ -115,7 +115,9 @@ def distillation_loss(
     flow = flow_matching_loss(v_pred, v_target, sigma, config.loss_weighting)
     kd = block_kd(student_pooled, teacher_pooled)
     with torch.no_grad():
-        weights = weighting([s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma)
+        weights = block_penalty(
+            [s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma
+        )
     base = torch.as_tensor(list(config.base_weights), dtype=torch.float32)
     loss = total_loss(flow, kd, base, weights.lam, config.kd_weight, config.block_penalty_weight)
     student_hooks.clear()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from flow_lune.atomic import atomic_file
-from flow_lune.flow import RELIABILITY_THRESHOLD, sigma_to_bin
+from flow_lune.flow import ADAPTIVE_JITTER, BASE_JITTER, RELIABILITY_THRESHOLD, sigma_to_bin
 
 from .assessor import PROFILE_IMAGE_NAME, PROFILE_NAME, Assessor
 from .assessor_formulas import pattern_entropy, timestep_error
@@ -172,8 +172,8 @@ def adaptive_sampler_from_profile(
     profile_path: str | os.PathLike,
     base=None,
     reliability_threshold: float = RELIABILITY_THRESHOLD,
-    base_jitter: float = 1.0,
-    adaptive_jitter: float = 0.0,
+    base_jitter: float = BASE_JITTER,
+    adaptive_jitter: float = ADAPTIVE_JITTER,
 ):
     """``AdaptiveSigmaSampler(difficulty=1 + mean_b e_t, accuracy=mean_b accuracy, jitter_scale=mean_b e_p)``.
 

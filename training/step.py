@@ -47,9 +47,9 @@ class DistillationStep:
     optimizer: Any
     lr_scheduler: Any
     empty_prompt_embeds: torch.Tensor  # (77, D) the "" embedding for prompt dropout
-    uncond_prob: float = 0.1  # --uncond_prob's default (training/cli.py)
-    max_grad_norm: float = 1.0  # --max_grad_norm's default; 0 disables clipping
-    max_nonfinite_steps: int = 10  # --max_nonfinite_steps's default
+    uncond_prob: float  # probability of the empty prompt per row (--uncond_prob)
+    max_grad_norm: float  # gradient clipping at accumulation boundaries; 0 disables it (--max_grad_norm)
+    max_nonfinite_steps: int  # skipped optimizer steps in a row that stop the run (--max_nonfinite_steps)
     sums: torch.Tensor = field(init=False)
     micro_batches: int = field(init=False, default=0)
     last_out: DistillationOutput | None = field(init=False, default=None)
