@@ -2,23 +2,13 @@
 
 import pytest
 import torch
+from conftest import Wrapper
 from torch import nn
 
 from flow_lune.tiny import tiny_unet
 from flow_lune.training.block_features import BLOCK_NAMES, BlockFeatureHooks, block_channels, pool_block_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Wrapper(nn.Module):
-    """Stands in for DDP: the hooked UNet is inside ``.module``."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 def _cond(batch: int, seed: int = 0) -> torch.Tensor:

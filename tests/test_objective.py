@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import Wrapper
 from torch import nn
 
 from flow_lune.flow import EpsilonToFlowUNet, TeacherSchedule, flow_state, teacher_query
@@ -47,17 +48,6 @@ def _x0(batch: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(batch, 4, 2, 2, generator=g)
     return torch.nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False) * 1.5
-
-
-class Wrapper(nn.Module):
-    """Stands in for DDP: the hooked UNet is inside ``.module``."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- loss formulas
