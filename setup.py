@@ -50,7 +50,10 @@ setup(
         "matplotlib>=3.7",  # every chart (training/plots.py): Axes.set_yticks(labels=...), colormaps registry
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        # wheel: tests/test_packaging.py builds the wheel offline (setuptools < 70.1 has no bdist_wheel of its own)
+        "test": ["pytest>=8", "ruff>=0.6", "wheel>=0.40"],
+    },
     entry_points={
         "console_scripts": [
             "flow-lune-convert=flow_lune.convert.__main__:main",
