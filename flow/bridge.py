@@ -214,7 +214,9 @@ class EpsilonToFlowUNet(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         """``v*`` at flow states ``x_sigma`` (B, ...) and per-sample or scalar ``sigma``, from ONE teacher forward."""
-        sigma = torch.as_tensor(sigma, device=x_sigma.device)
+        if not isinstance(sigma, torch.Tensor):
+            sigma = torch.tensor(sigma, dtype=torch.float64)  # a Python number keeps its full precision
+        sigma = sigma.to(x_sigma.device)
         sigma = (sigma if sigma.is_floating_point() else sigma.double()).expand(x_sigma.shape[0])
         query = teacher_query(x_sigma, sigma, self.schedule)
         dtype = self.unet.dtype  # a float32 state may drive a half-precision teacher

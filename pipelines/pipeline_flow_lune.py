@@ -192,7 +192,8 @@ class FlowLunePipeline(
 
         Args:
             sd_pipeline: a pipeline with ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and the teacher's own
-                DDPM-family ``scheduler`` (its betas define the bridge).
+                DDPM-family ``scheduler`` (its betas define the bridge), or any object with these attributes (the
+                trainer passes its ``TeacherComponents``).
             shift: the FlowLuneScheduler shift; 1.0 is the scheduler's default, pass the student's training
                 shift to sample teacher and student on the same sigma grid.
         """
