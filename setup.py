@@ -6,15 +6,23 @@ namespace so that no generic top-level name (``convert``, ``pipelines``) lands i
 site-packages.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-# Top-level folders of the repository and the subpackage of flow_lune each one becomes.
-SUBPACKAGES = {
+# Top-level folders of the repository and the package of flow_lune each one becomes.
+FOLDERS = {
+    "flow_lune": "flow_lune",
+    "flow_lune.flow": "flow",
     "flow_lune.schedulers": "schedulers",
     "flow_lune.pipelines": "pipelines",
     "flow_lune.convert": "convert",
     "flow_lune.training": "training",
 }
+# Every package below each folder, so a nested subpackage ships in the wheel as it imports in an editable install.
+PACKAGES = [
+    name
+    for package, folder in FOLDERS.items()
+    for name in (package, *(f"{package}.{sub}" for sub in find_packages(folder)))
+]
 
 setup(
     name="flow-lune",
@@ -23,9 +31,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["flow_lune", *SUBPACKAGES],
-    package_dir={"flow_lune": "flow_lune", **SUBPACKAGES},
-    package_data={"flow_lune": ["data/*.json", "data/*.txt"], "flow_lune.convert": ["configs/*/*.json"]},
+    packages=PACKAGES,
+    package_dir=FOLDERS,  # a nested package's folder follows from its parent's
+    # Data files, recursively: the converter's built-in configs, and assets under any flow_lune subpackage.
+    package_data={"flow_lune": ["*/assets/**/*"], "flow_lune.convert": ["configs/**/*.json"]},
     install_requires=[
         "torch>=2.4",  # torch.nn.attention SDPA, fused AdamW on CPU
         "accelerate>=1.0",  # save_state/load_state hooks, skip_first_batches
@@ -35,12 +44,16 @@ setup(
         "safetensors>=0.4",  # safe_open streaming, metadata in the header
         "peft>=0.13",  # LoRA on UNet2DConditionModel via add_adapter
         "bitsandbytes>=0.45",  # AdamW8bit with CPU tensors
-        "tqdm>=4.66",
-        "tensorboard>=2.15",
-        "pillow>=10",
+        "tqdm>=4.66",  # progress bars of the trainers and cache builds
+        "tensorboard>=2.15",  # --report_to tensorboard, the trainer's default
+        "pillow>=10",  # image grids, image datasets
+        "matplotlib>=3.7",  # every chart (training/plots.py): Axes.set_yticks(labels=...), colormaps registry
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        # wheel: tests/test_packaging.py builds the wheel offline (setuptools < 70.1 has no bdist_wheel of its own)
+        "test": ["pytest>=8", "ruff>=0.6", "wheel>=0.40"],
+    },
     entry_points={
         "console_scripts": [
             "flow-lune-convert=flow_lune.convert.__main__:main",

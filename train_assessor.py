@@ -14,21 +14,21 @@ other samples disagree (InfoNCE). It writes ``config.json``, ``model.safetensors
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from flow_lune.training.assessor import AssessorConfig
+from flow_lune.training.assessor_training import AssessorTrainingConfig
 from flow_lune.training.cli import (
     add_data_arguments,
     add_sigma_arguments,
     add_teacher_arguments,
     check_shared_arguments,
+    start_run,
 )
 
 logger = get_logger(__name__)
@@ -43,17 +43,42 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_sigma_arguments(parser)
 
     # ----------Assessor----------
-    parser.add_argument("--embed_dim", type=int, default=64, help="Size of each block's embedding.")
-    parser.add_argument("--hidden_dim", type=int, default=256, help="Hidden width of each companion.")
-    parser.add_argument("--num_bins", type=int, default=100, help="Sigma bins of the timestep head.")
-    parser.add_argument("--num_patterns", type=int, default=10, help="Patterns (k-means clusters) per block.")
+    parser.add_argument(
+        "--embed_dim", type=int, default=AssessorConfig.embed_dim, help="Size of each block's embedding."
+    )
+    parser.add_argument(
+        "--hidden_dim", type=int, default=AssessorConfig.hidden_dim, help="Hidden width of each companion."
+    )
+    parser.add_argument(
+        "--num_bins", type=int, default=AssessorConfig.num_bins, help="Sigma bins of the timestep head."
+    )
+    parser.add_argument(
+        "--num_patterns", type=int, default=AssessorConfig.num_patterns, help="Patterns (k-means clusters) per block."
+    )
     parser.add_argument(
         "--cluster_samples", type=int, default=1024, help="Teacher states for feature statistics and k-means."
     )
-    parser.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature.")
-    parser.add_argument("--view_sigma_jitter", type=float, default=0.05, help="Second view: sigma + jitter * N(0,1).")
-    parser.add_argument("--view_noise_mix", type=float, default=0.5, help="Second view: share of fresh noise.")
-    parser.add_argument("--timestep_label_width", type=float, default=2.0, help="Soft bin targets' std, in bins.")
+    parser.add_argument(
+        "--temperature", type=float, default=AssessorTrainingConfig.temperature, help="InfoNCE temperature."
+    )
+    parser.add_argument(
+        "--view_sigma_jitter",
+        type=float,
+        default=AssessorTrainingConfig.view_sigma_jitter,
+        help="Second view: sigma + jitter * N(0,1).",
+    )
+    parser.add_argument(
+        "--view_noise_mix",
+        type=float,
+        default=AssessorTrainingConfig.view_noise_mix,
+        help="Second view: share of fresh noise.",
+    )
+    parser.add_argument(
+        "--timestep_label_width",
+        type=float,
+        default=AssessorTrainingConfig.timestep_label_width,
+        help="Soft bin targets' std, in bins.",
+    )
     parser.add_argument(
         "--profile_samples", type=int, default=2500, help="Teacher states for the profile, spread evenly over bins."
     )
@@ -100,47 +125,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def teacher_states(dataset, indices, sigma, generator, uncond_prob, empty_embeds):
     """x0 and prompt embeddings of ``indices`` with seeded prompt dropout; sigma as given."""
-    from flow_lune.training.data import collate
+    from flow_lune.training.data import collate, drop_prompts
 
     batch = collate([dataset[int(i)] for i in indices])
-    drop = torch.rand(len(indices), generator=generator) < uncond_prob
-    embeds = torch.where(drop[:, None, None], empty_embeds[None].to(batch["prompt_embeds"]), batch["prompt_embeds"])
-    return batch["latents"], embeds, sigma
+    return batch["latents"], drop_prompts(batch["prompt_embeds"], empty_embeds, uncond_prob, generator), sigma
 
 
 def main(args: argparse.Namespace) -> None:
     from diffusers.optimization import get_scheduler
 
-    from flow_lune.schedulers.flow import flow_state
-    from flow_lune.schedulers.sigma_sampling import SigmaSampler
-    from flow_lune.training.assessor import (
-        Assessor,
-        AssessorConfig,
-        AssessorTrainingConfig,
+    from flow_lune.flow import SigmaSampler, flow_state
+    from flow_lune.training.assessor import Assessor
+    from flow_lune.training.assessor_training import (
         TeacherBlockFeatures,
         assessor_loss,
         initialise_from_features,
         make_views,
     )
     from flow_lune.training.block_features import BLOCK_NAMES, block_channels
-    from flow_lune.training.data import DataConfig, TeacherParts, collate, prepare_training_data
+    from flow_lune.training.data import DataConfig, collate, drop_prompts, prepare_training_data
     from flow_lune.training.models import load_teacher_from_args, teacher_resolution
     from flow_lune.training.profile import ProfileAccumulator, save_profile, stratified_sigmas
 
-    # 1. Accelerator, logging, seed
+    # 1. Accelerator, logging, seed, output folder
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = start_run(args)
 
     # 2. Teacher (frozen, never prepared), in the mixed-precision dtype like the trainer's
     #    (the same teacher_id as train_flow_distill.py, so the two scripts share the data caches)
@@ -153,10 +162,9 @@ def main(args: argparse.Namespace) -> None:
     teacher.vae.to(accelerator.device)
 
     # 3. Data: the trainer's sources and caches
-    data_cfg = DataConfig.from_args(args)
-    data_cfg.teacher_id = teacher_id
-    parts = TeacherParts(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet, teacher.scheduler_config)
-    dataset = prepare_training_data(data_cfg, parts, accelerator)
+    data_config = DataConfig.from_args(args)
+    data_config.teacher_id = teacher_id
+    dataset = prepare_training_data(data_config, teacher, accelerator)
     empty_embeds = dataset.empty_prompt_embeds
     loader_gen = torch.Generator().manual_seed(args.seed)
     dataloader = torch.utils.data.DataLoader(
@@ -170,7 +178,7 @@ def main(args: argparse.Namespace) -> None:
     )
     features = TeacherBlockFeatures(teacher.unet, teacher.scheduler_config)
     sampler = SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
-    train_cfg = AssessorTrainingConfig(
+    training_config = AssessorTrainingConfig(
         temperature=args.temperature,
         view_sigma_jitter=args.view_sigma_jitter,
         view_noise_mix=args.view_noise_mix,
@@ -232,10 +240,9 @@ def main(args: argparse.Namespace) -> None:
             x0 = batch["latents"].float()
             if len(x0) < 2:
                 continue  # a last batch of one has no negatives
-            drop = torch.rand(len(x0), generator=step_gen) < args.uncond_prob
-            embeds = torch.where(drop[:, None, None].to(x0.device), empty_embeds.to(x0), batch["prompt_embeds"])
+            embeds = drop_prompts(batch["prompt_embeds"], empty_embeds, args.uncond_prob, step_gen)
             sigma = sampler.sample(len(x0), step_gen).to(x0.device)
-            views = make_views(x0, sigma, train_cfg, step_gen)
+            views = make_views(x0, sigma, training_config, step_gen)
             both = features(
                 torch.cat([views.x_sigma1, views.x_sigma2]),
                 torch.cat([views.sigma1, views.sigma2]),
@@ -249,7 +256,7 @@ def main(args: argparse.Namespace) -> None:
                     [f[n:] for f in both],
                     views.sigma1,
                     views.sigma2,
-                    train_cfg,
+                    training_config,
                     model=model,
                 )
                 accelerator.backward(loss.total)

@@ -13,28 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from flow_lune.atomic import atomic_text
-from flow_lune.schedulers import LOSS_WEIGHTINGS, SigmaSampler, TeacherSchedule
+from flow_lune.flow import (
+    ADAPTIVE_JITTER,
+    BASE_JITTER,
+    LOSS_WEIGHTINGS,
+    RELIABILITY_THRESHOLD,
+    EpsilonToFlowUNet,
+    SigmaSampler,
+)
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
+from flow_lune.training.block_penalty import build_block_penalty
 from flow_lune.training.checkpoints import (
     EpochShuffleSampler,
-    RandomStreams,
-    checkpoint_step,
     list_checkpoints,
     register_checkpoint_hooks,
-    resolve_resume,
+    resume_position,
     save_checkpoint,
 )
 from flow_lune.training.cli import (
@@ -42,17 +44,16 @@ from flow_lune.training.cli import (
     add_sigma_arguments,
     add_teacher_arguments,
     check_shared_arguments,
+    start_run,
 )
-from flow_lune.training.export import PIPELINE_DIRNAME, export_final, merge_lora, push_to_hub
-from flow_lune.training.logging_utils import (
-    MetricsWriter,
-    log_validation,
-    metrics_record,
-    plot_lambda,
-    read_metrics,
-    tracker_scalars,
-)
-from flow_lune.training.objective import ObjectiveConfig, distillation_loss
+from flow_lune.training.export import PIPELINE_DIRNAME, SUMMARY_FLAGS, export_final, final_student, push_to_hub
+from flow_lune.training.fusion import FusionConfig
+from flow_lune.training.metrics import TrainingLog, read_metrics
+from flow_lune.training.objective import ObjectiveConfig
+from flow_lune.training.plots import plot_training
+from flow_lune.training.seeds import RandomStreams
+from flow_lune.training.step import DistillationStep
+from flow_lune.training.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -79,18 +80,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     # ----------Objective Arguments----------
     add_sigma_arguments(parser)
     parser.add_argument("--loss_weighting", type=str, default="none", choices=LOSS_WEIGHTINGS)
-    parser.add_argument("--kd_weight", type=float, default=0.25, help="Weight of sum_b w_b KD_b.")
-    parser.add_argument("--block_penalty_weight", type=float, default=0.05, help="Weight of sum_b lambda_b KD_b.")
+    parser.add_argument("--kd_weight", type=float, default=ObjectiveConfig.kd_weight, help="Weight of sum_b w_b KD_b.")
+    parser.add_argument(
+        "--block_penalty_weight",
+        type=float,
+        default=ObjectiveConfig.block_penalty_weight,
+        help="Weight of sum_b lambda_b KD_b.",
+    )
     parser.add_argument(
         "--base_block_weights", type=float, nargs=9, default=list(BASE_BLOCK_WEIGHTS), help="w_b of the 9 blocks."
     )
     # ----------Assessor Arguments----------
     parser.add_argument("--assessor", type=str, default="none", help="'none' (lambda_b = w_b) or an assessor folder.")
-    parser.add_argument("--fusion_alpha", type=float, default=0.5)
-    parser.add_argument("--fusion_beta", type=float, default=0.25)
-    parser.add_argument("--fusion_delta", type=float, default=0.25)
-    parser.add_argument("--lambda_min", type=float, default=0.5)
-    parser.add_argument("--lambda_max", type=float, default=3.0)
+    parser.add_argument("--fusion_alpha", type=float, default=FusionConfig.alpha, help="Weight of e_t in lambda_b.")
+    parser.add_argument("--fusion_beta", type=float, default=FusionConfig.beta, help="Weight of e_p in lambda_b.")
+    parser.add_argument("--fusion_delta", type=float, default=FusionConfig.delta, help="Weight of 1 - coh.")
+    parser.add_argument("--lambda_min", type=float, default=FusionConfig.lam_min, help="Lower clip of lambda_b.")
+    parser.add_argument("--lambda_max", type=float, default=FusionConfig.lam_max, help="Upper clip of lambda_b.")
     parser.add_argument(
         "--timestep_sampling",
         type=str,
@@ -98,9 +104,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=("density", "adaptive"),
         help="adaptive: sigma bins weighted by the assessor's profile (needs --assessor PATH).",
     )
-    parser.add_argument("--reliability_threshold", type=float, default=0.15)
-    parser.add_argument("--base_jitter", type=float, default=1.0)
-    parser.add_argument("--adaptive_jitter", type=float, default=0.0)
+    parser.add_argument("--reliability_threshold", type=float, default=RELIABILITY_THRESHOLD)
+    parser.add_argument("--base_jitter", type=float, default=BASE_JITTER, help="Sigma jitter, in bin widths.")
+    parser.add_argument(
+        "--adaptive_jitter", type=float, default=ADAPTIVE_JITTER, help="How much a bin's pattern entropy widens it."
+    )
     # ----------Training Arguments----------
     parser.add_argument("--output_dir", type=str, default="flow-lune-output")
     parser.add_argument("--seed", type=int, default=0, help="Seeds data order, sigmas, noise, dropout, caches.")
@@ -157,9 +165,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """One clear ValueError for contradictory or out-of-range flags, before any work."""
-    from flow_lune.training.fusion import FusionConfig
-
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps")
     for name in (*positive, "logging_steps", "num_train_epochs", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
@@ -205,8 +210,6 @@ def check_args(args: argparse.Namespace) -> None:
             f"--output_dir {output_dir} holds checkpoints; pass --resume_from_checkpoint latest to continue that run, "
             "or use a new --output_dir (nothing is overwritten)."
         )
-    if env_local_rank != -1:
-        args.local_rank = env_local_rank
 
 
 def trackable_config(args: argparse.Namespace) -> dict:
@@ -219,35 +222,21 @@ def trackable_config(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> Path:
     from diffusers import UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, cast_training_params
+    from diffusers.training_utils import EMAModel
 
-    from flow_lune.training.data import DataConfig, TeacherParts, collate, prepare_training_data
-    from flow_lune.training.fusion import FusionConfig
-    from flow_lune.training.models import build_student, load_teacher_from_args, teacher_resolution
-    from flow_lune.training.weighting import build_block_weighting
+    from flow_lune.training.data import DataConfig, collate, prepare_training_data
+    from flow_lune.training.models import build_student, load_teacher_from_args, prepare_student, teacher_resolution
+    from flow_lune.training.optimization import build_lr_scheduler, build_optimizer
 
     # 1. Accelerator, logging, seed, output folder
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)  # anything outside our counter-based streams (LoRA init)
+    accelerator = start_run(args, args.gradient_accumulation_steps)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
-    # 2. Teacher: frozen, out of accelerator.prepare, its own schedule
+    # 2. Teacher: frozen, out of accelerator.prepare, queried in flow coordinates through the bridge
     teacher, teacher_id = load_teacher_from_args(args, accelerator)
-    schedule = TeacherSchedule.from_scheduler_config(teacher.scheduler_config)
+    teacher_flow = EpsilonToFlowUNet(teacher.unet, teacher.scheduler_config)
     if args.resolution is None:
         args.resolution = teacher_resolution(teacher)
 
@@ -257,22 +246,9 @@ def main(args: argparse.Namespace) -> Path:
     teacher.unet.to(accelerator.device, dtype=weight_dtype)
     teacher.vae.to(accelerator.device, dtype=torch.float32)  # VAE encoding in fp32
     teacher.text_encoder.to(accelerator.device, dtype=torch.float32)  # embeddings are cached; keep export exact
-    if args.lora_rank is not None:
-        from peft import LoraConfig
-
-        student.requires_grad_(False).to(dtype=weight_dtype)
-        student.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_alpha or args.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-            )
-        )
-        cast_training_params(student, dtype=torch.float32)
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    student.to(accelerator.device).train()
+    student = prepare_student(
+        student, accelerator.device, weight_dtype, args.lora_rank, args.lora_alpha, args.gradient_checkpointing
+    )
     ema = None
     if args.use_ema:
         ema = EMAModel(
@@ -280,11 +256,11 @@ def main(args: argparse.Namespace) -> Path:
         )
         ema.to(accelerator.device)
 
-    # 4. Block hooks (unwrapped modules), block weighting, sigma sampler
+    # 4. Block hooks (unwrapped modules), block penalty lambda_b, sigma sampler
     student_hooks = BlockFeatureHooks(student).attach()
     teacher_hooks = BlockFeatureHooks(teacher.unet).attach()
     fusion = FusionConfig(args.fusion_alpha, args.fusion_beta, args.fusion_delta, args.lambda_min, args.lambda_max)
-    weighting = build_block_weighting(args.assessor, args.base_block_weights, fusion, accelerator.device)
+    block_penalty = build_block_penalty(args.assessor, args.base_block_weights, fusion, accelerator.device)
     sigma_sampler = SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
     if args.timestep_sampling == "adaptive":
         from flow_lune.training.profile import adaptive_sampler_from_profile
@@ -302,9 +278,7 @@ def main(args: argparse.Namespace) -> Path:
     # 5. Data: cached latents x0 and prompt embeddings
     data_config = DataConfig.from_args(args)
     data_config.teacher_id = teacher_id
-    parts = TeacherParts(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet, teacher.scheduler_config)
-    train_dataset = prepare_training_data(data_config, parts, accelerator)
-    empty_prompt_embeds = train_dataset.empty_prompt_embeds.to(accelerator.device)
+    train_dataset = prepare_training_data(data_config, teacher, accelerator)
     train_sampler = EpochShuffleSampler(len(train_dataset), args.seed)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -317,31 +291,15 @@ def main(args: argparse.Namespace) -> Path:
     # 6. Optimizer and learning-rate schedule, sized to the real number of optimizer steps
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for p in student.parameters() if p.requires_grad]
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls, extra = bnb.optim.AdamW8bit, {}
-    else:
-        # fused=True: one kernel for all tensors; the per-tensor loop costs ~38% more on CPU (DESIGN.md section 9).
-        optimizer_cls, extra = torch.optim.AdamW, {"fused": accelerator.device.type in ("cpu", "cuda")}
-    optimizer = optimizer_cls(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **extra,
-    )
+    optimizer = build_optimizer(
+        student.parameters(), args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
+        args.adam_epsilon, args.use_8bit_adam, accelerator.device,
+    )  # fmt: skip
     batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
     num_update_steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
-    # accelerate steps a prepared scheduler once per process per optimizer step, hence * num_processes.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+    lr_scheduler = build_lr_scheduler(
+        args.lr_scheduler, optimizer, args.lr_warmup_steps, max_train_steps, accelerator.num_processes
     )
 
     # 7. Prepare with accelerate; checkpoint hooks; trackers
@@ -360,36 +318,26 @@ def main(args: argparse.Namespace) -> Path:
     logger.info(f"  Gradient accumulation = {args.gradient_accumulation_steps}; optimizer steps = {max_train_steps}")
 
     # 8. Resume at the exact batch and step
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
-    if args.resume_from_checkpoint and resume_path is None:
-        logger.info(f"No checkpoint in {output_dir} to resume from; starting a new run.")
-    if resume_path is not None:
-        later = [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume_path)]
-        if later:
-            raise ValueError(
-                f"Resuming from {resume_path.name} would overwrite the later checkpoints {later}; move them away "
-                "or resume from 'latest'."
-            )
-        logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        global_step = checkpoint_step(resume_path)
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, resume_batches = resume_position(
+        accelerator, args.resume_from_checkpoint, output_dir, num_update_steps_per_epoch,
+        args.gradient_accumulation_steps,
+    )  # fmt: skip
     if accelerator.is_main_process:
         name = (
             "args.json" if global_step == 0 and not (output_dir / "args.json").exists() else f"args-{global_step}.json"
         )
         atomic_text(output_dir / name, json.dumps(vars(args), indent=2, default=str))
-    metrics = MetricsWriter(output_dir / "metrics.jsonl") if accelerator.is_main_process else None
+    training_log = TrainingLog(accelerator, output_dir / "metrics.jsonl", total_batch_size, global_step)
 
-    # 9. Train
+    # 9. Train: one DistillationStep per micro-batch; logging, checkpoints and validation at optimizer steps
+    step = DistillationStep(
+        accelerator, student, teacher_flow, student_hooks, teacher_hooks, block_penalty, objective, sigma_sampler,
+        streams, optimizer, lr_scheduler, train_dataset.empty_prompt_embeds.to(accelerator.device),
+        uncond_prob=args.uncond_prob, max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
+    )  # fmt: skip
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    skipped_steps, nonfinite_in_a_row, bad_update = 0, 0, False
-    sums = torch.zeros(2 + len(BASE_BLOCK_WEIGHTS), device=accelerator.device)  # loss, flow, kd_b over micro-batches
-    micro_batches, last_log_time, last_log_step, last_out = 0, time.perf_counter(), global_step, None
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -398,74 +346,19 @@ def main(args: argparse.Namespace) -> Path:
         dataloader.set_epoch(epoch)
         train_sampler.set_epoch(epoch)
         for offset, batch in enumerate(dataloader):
-            batch_index = skip + offset
-            with accelerator.accumulate(student):
-                x0 = batch["latents"].to(accelerator.device, torch.float32)
-                prompt_embeds = batch["prompt_embeds"].to(accelerator.device, torch.float32)
-                bsz = x0.shape[0]
-                sigma = sigma_sampler.sample(bsz, streams.generator("sigma", epoch, batch_index))
-                eps = torch.randn(x0.shape, generator=streams.generator("noise", epoch, batch_index))
-                drop = torch.rand(bsz, generator=streams.generator("dropout", epoch, batch_index)) < args.uncond_prob
-                sigma, eps, drop = sigma.to(accelerator.device), eps.to(accelerator.device), drop.to(x0.device)
-                prompt_embeds = torch.where(drop[:, None, None], empty_prompt_embeds.to(prompt_embeds), prompt_embeds)
-                out = distillation_loss(
-                    student, teacher.unet, student_hooks, teacher_hooks, x0, eps, sigma, prompt_embeds,
-                    schedule, weighting, objective,
-                )  # fmt: skip
-                finite = torch.isfinite(out.loss.detach()).float().reshape(1)
-                if accelerator.num_processes > 1:
-                    finite = accelerator.gather(finite).min().reshape(1)
-                if bool(finite.item()):
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                    sums += torch.cat([out.loss.detach()[None], out.flow_loss.detach()[None], out.kd.detach()])
-                    micro_batches += 1
-                    last_out = out
-                else:
-                    bad_update = True  # every process skips the whole optimizer step
-                if accelerator.sync_gradients and not bad_update:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
+            step(batch, epoch, skip + offset)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             progress_bar.update(1)
-            if bad_update:
-                skipped_steps += 1
-                nonfinite_in_a_row += 1
-                logger.warning(
-                    f"Non-finite loss at step {global_step}: optimizer step skipped ({skipped_steps} so far)."
-                )
-                if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"{nonfinite_in_a_row} non-finite losses in a row (step {global_step}); stopping. Lower "
-                        "--learning_rate, use --mixed_precision bf16 instead of fp16, or check the data."
-                    )
-            else:
-                nonfinite_in_a_row = 0
-                if ema is not None:
-                    ema.step(student.parameters())
-            bad_update = False
+            if step.end_update(global_step) and ema is not None:
+                ema.step(student.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                means = accelerator.reduce(sums / max(micro_batches, 1), reduction="mean")
-                now = time.perf_counter()
-                speed = (global_step - last_log_step) * total_batch_size / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, global_step
-                if last_out is not None:
-                    record = metrics_record(
-                        global_step, lr_scheduler.get_last_lr()[0], means[0], means[1], means[2:],
-                        last_out.block_weights, speed, skipped_steps,
-                    )  # fmt: skip
-                    if metrics is not None:
-                        metrics.write(record)
-                    accelerator.log(tracker_scalars(record), step=global_step)
-                    progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{speed:.1f}")
-                sums.zero_()
-                micro_batches = 0
+                record = training_log.log(global_step, lr_scheduler.get_last_lr()[0], step)
+                if record is not None:
+                    speed = f"{record['samples_per_second']:.1f}"
+                    progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=speed)
 
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
@@ -491,25 +384,11 @@ def main(args: argparse.Namespace) -> Path:
             accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
             args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
         )  # fmt: skip
-        metrics.close()
-        records = read_metrics(output_dir / "metrics.jsonl")
-        if records:
-            plot_lambda(records, output_dir / "lambda.png")
-        unet = accelerator.unwrap_model(student)
-        if ema is not None:
-            ema.copy_to(unet.parameters())
-        if args.lora_rank is not None:
-            unet = merge_lora(unet)
-        summary = {
-            k: getattr(args, k)
-            for k in (
-                "learning_rate", "lr_scheduler", "train_batch_size", "gradient_accumulation_steps", "shift",
-                "weighting_scheme", "loss_weighting", "kd_weight", "block_penalty_weight", "assessor", "uncond_prob",
-                "lora_rank", "use_ema", "mixed_precision", "seed",
-            )
-        }  # fmt: skip
-        summary["max_train_steps"] = max_train_steps
-        summary["processes"] = accelerator.num_processes
+        training_log.close()
+        plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)
+        unet = final_student(accelerator, student, ema, lora=args.lora_rank is not None)
+        summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
+        summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
         result = export_final(
             output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file
         )

@@ -3,8 +3,8 @@
 Prints, in one process:
 
 1. tiny configuration (tiny teacher and student, 8x8 latents, batch ``--batch_size``): one full distillation
-   step (``objective.distillation_loss`` + backward + fused AdamW) with ``ConstantBlockWeighting`` (A, the
-   ``--assessor none`` control) and with ``AssessorBlockWeighting`` (B), alternated A/B over ``--runs`` runs of
+   step (``objective.distillation_loss`` + backward + fused AdamW) with ``ConstantBlockPenalty`` (A, the
+   ``--assessor none`` control) and with ``AssessorBlockPenalty`` (B), alternated A/B over ``--runs`` runs of
    ``--steps`` steps (order ABBA...): medians, minima, and B/A - 1; plus the weighting call alone over the A step time.
 2. with ``--sd15``: the assessor at SD1.5 channel counts (hidden 256, embed 64) on SD1.5-sized pooled
    features, against one forward of a randomly initialised full SD1.5 UNet at 32x32 latents, batch 1, fp32
@@ -26,13 +26,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from flow_lune.schedulers import SigmaSampler, TeacherSchedule  # noqa: E402
+from flow_lune.flow import EpsilonToFlowUNet, SigmaSampler  # noqa: E402
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_unet  # noqa: E402
-from flow_lune.training.assessor import Assessor, AssessorBlockWeighting, AssessorConfig  # noqa: E402
+from flow_lune.training.assessor import Assessor, AssessorConfig  # noqa: E402
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BLOCK_NAMES, BlockFeatureHooks, block_channels  # noqa: E402
+from flow_lune.training.block_penalty import (
+    AssessorBlockPenalty,  # noqa: E402
+    ConstantBlockPenalty,  # noqa: E402
+)
 from flow_lune.training.fusion import FusionConfig  # noqa: E402
 from flow_lune.training.objective import ObjectiveConfig, distillation_loss  # noqa: E402
-from flow_lune.training.weighting import ConstantBlockWeighting  # noqa: E402
 
 SD15_UNET_CONFIG = {  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts that differ from the defaults
     "sample_size": 64,
@@ -58,12 +61,12 @@ def bench_tiny(runs: int, steps: int, batch_size: int) -> None:
     teacher = tiny_unet(seed=0).eval().requires_grad_(False)
     student = tiny_unet(seed=1).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
-    schedule = TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
+    bridge = EpsilonToFlowUNet(teacher, SD15_SCHEDULER_CONFIG)
     sampler = SigmaSampler()
     config = ObjectiveConfig()
     weightings = {
-        "A none": ConstantBlockWeighting(BASE_BLOCK_WEIGHTS),
-        "B assessor": AssessorBlockWeighting(assessor_for(block_channels(teacher)), BASE_BLOCK_WEIGHTS, FusionConfig()),
+        "A none": ConstantBlockPenalty(BASE_BLOCK_WEIGHTS),
+        "B assessor": AssessorBlockPenalty(assessor_for(block_channels(teacher)), BASE_BLOCK_WEIGHTS, FusionConfig()),
     }
     x0 = torch.randn(batch_size, 4, 8, 8, generator=g)
     embeds = torch.randn(batch_size, 77, 32, generator=g)
@@ -72,7 +75,7 @@ def bench_tiny(runs: int, steps: int, batch_size: int) -> None:
         start = time.perf_counter()
         sigma = sampler.sample(batch_size, g)
         eps = torch.randn(x0.shape, generator=g)
-        out = distillation_loss(student, teacher, s_hooks, t_hooks, x0, eps, sigma, embeds, schedule, weighting, config)
+        out = distillation_loss(student, bridge, s_hooks, t_hooks, x0, eps, sigma, embeds, weighting, config)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -117,7 +120,7 @@ def bench_sd15(runs: int, batch_size: int) -> None:
     g = torch.Generator().manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().requires_grad_(False)
     channels = block_channels(unet)
-    weighting = AssessorBlockWeighting(assessor_for(channels), BASE_BLOCK_WEIGHTS, FusionConfig())
+    weighting = AssessorBlockPenalty(assessor_for(channels), BASE_BLOCK_WEIGHTS, FusionConfig())
     n_assessor = weighting.assessor.num_parameters()
     n_unet = sum(p.numel() for p in unet.parameters())
     pooled = [torch.randn(batch_size, c, generator=g) for c in channels]

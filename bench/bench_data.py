@@ -28,10 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from flow_lune.schedulers import SigmaSampler, TeacherSchedule, flow_state, teacher_query, velocity_from_eps  # noqa: E402
+from flow_lune.flow import EpsilonToFlowUNet, SigmaSampler, flow_state, flow_timestep  # noqa: E402
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_sd_components, tiny_unet  # noqa: E402
 from flow_lune.training.caching import CacheWriter  # noqa: E402
-from flow_lune.training.data import DataConfig, LatentPromptDataset, TeacherParts, collate, prepare_training_data  # noqa: E402
+from flow_lune.training.data import DataConfig, LatentPromptDataset, collate, prepare_training_data  # noqa: E402
+from flow_lune.training.models import TeacherComponents  # noqa: E402
 
 
 def loader(dataset, batch_size: int, num_workers: int = 0, seed: int = 0) -> torch.utils.data.DataLoader:
@@ -85,10 +86,9 @@ class TinyStep:
     the same forwards, which cost nothing measurable, DESIGN.md section 9.)"""
 
     def __init__(self, teacher: torch.nn.Module):
-        self.teacher = teacher.requires_grad_(False)
+        self.teacher = EpsilonToFlowUNet(teacher.requires_grad_(False), SD15_SCHEDULER_CONFIG)
         self.student = tiny_unet(seed=1).train()
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-5, fused=True)
-        self.schedule = TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
         self.sampler = SigmaSampler(density="logit_normal", shift=3.0)
         self.gen = torch.Generator().manual_seed(0)
 
@@ -98,9 +98,8 @@ class TinyStep:
         eps = torch.randn(x0.shape, generator=self.gen)
         x_sigma = flow_state(x0, eps, sigma)
         with torch.no_grad():
-            q = teacher_query(x_sigma, sigma, self.schedule)
-            v_target = velocity_from_eps(x_sigma, sigma, self.teacher(q.x_t, q.t, c).sample, self.schedule)
-        v = self.student(x_sigma, sigma * 1000, c).sample
+            v_target = self.teacher.velocity(x_sigma, sigma, c)
+        v = self.student(x_sigma, flow_timestep(sigma), c).sample
         loss = (v - v_target).pow(2).mean()
         loss.backward()
         self.optimizer.step()
@@ -127,16 +126,16 @@ def main() -> None:
         import datasets
 
         c = tiny_sd_components(seed=0)
-        parts = TeacherParts(c.vae, c.text_encoder, c.tokenizer, c.unet, SD15_SCHEDULER_CONFIG)
+        parts = TeacherComponents(c.unet, c.vae, c.text_encoder, c.tokenizer, SD15_SCHEDULER_CONFIG)
         latents = torch.randn(args.num_rows, 4, 8, 8)
         rows = {"latents": latents.numpy().tolist(), "prompt": [f"prompt {i}" for i in range(args.num_rows)]}
         datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / "tiny-latents"))
-        cfg = DataConfig(latents_dataset=str(tmp / "tiny-latents"), cache_dir=str(tmp / "cache"), resolution=64)
+        config = DataConfig(latents_dataset=str(tmp / "tiny-latents"), cache_dir=str(tmp / "cache"), resolution=64)
         start = time.perf_counter()
-        prepare_training_data(cfg, parts, None)
+        prepare_training_data(config, parts, None)
         cold = time.perf_counter() - start
         start = time.perf_counter()
-        dataset = prepare_training_data(cfg, parts, None)  # warm: verify and open the caches
+        dataset = prepare_training_data(config, parts, None)  # warm: verify and open the caches
         warm = time.perf_counter() - start
         print(f"tiny caches ({args.num_rows} rows): cold build {cold:.2f} s, warm open (checksums) {warm:.3f} s")
 

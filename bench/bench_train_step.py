@@ -34,25 +34,18 @@ from accelerate import Accelerator  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 
-from flow_lune.schedulers import SigmaSampler, TeacherSchedule, flow_state  # noqa: E402
+from flow_lune.flow import EpsilonToFlowUNet, SigmaSampler, flow_state, flow_timestep  # noqa: E402
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_unet  # noqa: E402
 from flow_lune.training.block_features import BlockFeatureHooks  # noqa: E402
+from flow_lune.training.block_penalty import ConstantBlockPenalty  # noqa: E402
 from flow_lune.training.caching import CacheWriter  # noqa: E402
-from flow_lune.training.checkpoints import EpochShuffleSampler, RandomStreams  # noqa: E402
+from flow_lune.training.checkpoints import EpochShuffleSampler  # noqa: E402
 from flow_lune.training.data import LatentPromptDataset, collate  # noqa: E402
-from flow_lune.training.objective import (  # noqa: E402
-    ObjectiveConfig,
-    block_kd,
-    distillation_loss,
-    flow_matching_loss,
-    student_timestep,
-    teacher_velocity,
-    total_loss,
-)
-from flow_lune.training.weighting import ConstantBlockWeighting  # noqa: E402
+from flow_lune.training.objective import ObjectiveConfig, block_kd, flow_matching_loss, total_loss  # noqa: E402
+from flow_lune.training.seeds import RandomStreams  # noqa: E402
+from flow_lune.training.step import DistillationStep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEDULE = TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
 
 
 class Setup:
@@ -60,19 +53,20 @@ class Setup:
 
     def __init__(self, teacher: torch.nn.Module, batch: int, latent: int, cond_dim: int):
         self.accelerator = Accelerator(cpu=True)
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = EpsilonToFlowUNet(teacher.requires_grad_(False).eval(), SD15_SCHEDULER_CONFIG)
         student = copy.deepcopy(teacher).requires_grad_(True).train()
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         self.student, self.optimizer, self.lr_scheduler = self.accelerator.prepare(student, optimizer, lr_scheduler)
         self.s_hooks = BlockFeatureHooks(self.accelerator.unwrap_model(self.student)).attach()
-        self.t_hooks = BlockFeatureHooks(self.teacher).attach()
+        self.t_hooks = BlockFeatureHooks(teacher).attach()
         self.sampler = SigmaSampler()
-        self.streams = RandomStreams(0)
-        self.weighting = ConstantBlockWeighting()
-        self.objective = ObjectiveConfig()
+        self.step = DistillationStep(
+            self.accelerator, self.student, self.teacher, self.s_hooks, self.t_hooks, ConstantBlockPenalty(),
+            ObjectiveConfig(), self.sampler, RandomStreams(0), self.optimizer, self.lr_scheduler,
+            torch.zeros(77, cond_dim), uncond_prob=0.1, max_grad_norm=1.0, max_nonfinite_steps=10,
+        )  # fmt: skip
         self.batch, self.latent, self.cond_dim = batch, latent, cond_dim
-        self.empty = torch.zeros(77, cond_dim)
         self.step_index = 0
 
     def fake_batch(self) -> dict:
@@ -80,24 +74,10 @@ class Setup:
                 "prompt_embeds": torch.randn(self.batch, 77, self.cond_dim)}  # fmt: skip
 
     def train_step(self, batch: dict) -> None:
-        """The loop body of train_flow_distill.py (one process, no accumulation, max_grad_norm 1)."""
-        acc, k = self.accelerator, self.step_index
+        """One step of train_flow_distill.py: its DistillationStep (one process, no accumulation, max_grad_norm 1)."""
+        self.step(batch, 0, self.step_index)
+        self.step.end_update(self.step_index)
         self.step_index += 1
-        with acc.accumulate(self.student):
-            x0, c = batch["latents"].float(), batch["prompt_embeds"].float()
-            sigma = self.sampler.sample(x0.shape[0], self.streams.generator("sigma", 0, k))
-            eps = torch.randn(x0.shape, generator=self.streams.generator("noise", 0, k))
-            drop = torch.rand(x0.shape[0], generator=self.streams.generator("dropout", 0, k)) < 0.1
-            c = torch.where(drop[:, None, None], self.empty.to(c), c)
-            out = distillation_loss(self.student, self.teacher, self.s_hooks, self.t_hooks, x0, eps, sigma, c,
-                                    SCHEDULE, self.weighting, self.objective)  # fmt: skip
-            if bool(torch.isfinite(out.loss.detach())):
-                acc.backward(out.loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(self.student.parameters(), 1.0)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
 
     def parts(self, batch: dict) -> tuple[float, float, float]:
         """Teacher forward, student forward+backward, optimizer step, each timed alone."""
@@ -105,10 +85,11 @@ class Setup:
         sigma = self.sampler.sample(x0.shape[0], torch.Generator().manual_seed(1))
         x_sigma = flow_state(x0, torch.randn_like(x0), sigma)
         t0 = time.perf_counter()
-        v_target = teacher_velocity(self.teacher, x_sigma, sigma, c, SCHEDULE)
+        with torch.no_grad():
+            v_target = self.teacher.velocity(x_sigma, sigma, c)
         teacher_feats = self.t_hooks.features
         t1 = time.perf_counter()
-        v = self.student(x_sigma, student_timestep(sigma), c, return_dict=False)[0]
+        v = self.student(x_sigma, flow_timestep(sigma), c, return_dict=False)[0]
         kd = block_kd(self.s_hooks.features, teacher_feats)
         loss = total_loss(flow_matching_loss(v, v_target, sigma), kd, torch.ones(9), torch.ones(9), 0.25, 0.05)
         loss.backward()

@@ -206,11 +206,6 @@ def header_bytes(entries: list[OutTensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def temporary_path(dst: Path) -> Path:
-    """A name beside ``dst`` (same folder, so that ``os.replace`` is atomic) for writing in progress."""
-    return dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-
-
 def write_safetensors(
     path: str | os.PathLike,
     entries: list[OutTensor],

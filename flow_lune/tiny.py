@@ -9,7 +9,6 @@ merges, so its files are a few kilobytes.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,15 +77,6 @@ def byte_level_vocab() -> dict[str, int]:
     symbols = list(bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
     return {tok: i for i, tok in enumerate(tokens)}
-
-
-def write_tiny_tokenizer_files(folder: str | os.PathLike) -> Path:
-    """Write ``vocab.json`` and ``merges.txt`` of the byte-level tokenizer into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return folder
 
 
 def tiny_tokenizer(folder: str | os.PathLike | None = None) -> CLIPTokenizer:

@@ -1,5 +1,5 @@
-"""FlowLunePipeline: sample a Flow Lune student, or an epsilon SD1.5 teacher in flow coordinates."""
+"""FlowLunePipeline: text-to-image sampling of a rectified-flow SD1.5 UNet."""
 
-from .pipeline_flow_lune import FlowLunePipeline, as_flow_lune_scheduler, model_timesteps, retrieve_timesteps
+from .pipeline_flow_lune import FlowLunePipeline, as_flow_lune_scheduler
 
-__all__ = ["FlowLunePipeline", "as_flow_lune_scheduler", "model_timesteps", "retrieve_timesteps"]
+__all__ = ["FlowLunePipeline", "as_flow_lune_scheduler"]

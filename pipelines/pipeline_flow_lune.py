@@ -24,8 +24,9 @@ from diffusers.utils import USE_PEFT_BACKEND, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from flow_lune.flow import EpsilonToFlowUNet, flow_timestep, guided_velocity
 from flow_lune.pipelines.loading_checks import check_pretrained_path, is_url, missing_folder_message
-from flow_lune.schedulers import EpsilonToFlowUNet, FlowLuneScheduler, guided_velocity
+from flow_lune.schedulers import FlowLuneScheduler
 
 logger = logging.get_logger(__name__)
 
@@ -95,38 +96,32 @@ def as_flow_lune_scheduler(scheduler: Any) -> FlowLuneScheduler:
     )
 
 
-def retrieve_timesteps(
-    scheduler: FlowLuneScheduler,
-    num_inference_steps: int | None = None,
-    device: str | torch.device | None = None,
-    sigmas: Sequence[float] | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Set the scheduler's schedule and return ``(timesteps, num_inference_steps)``.
-
-    ``sigmas`` (N strictly decreasing values in (0, 1], no shift applied; the scheduler appends 0) takes
-    the place of the scheduler's shifted grid of ``num_inference_steps`` steps.
-    """
-    scheduler.set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas)
-    return scheduler.timesteps, scheduler.num_inference_steps
-
-
-def model_timesteps(
-    scheduler: FlowLuneScheduler, sigmas: Sequence[float] | torch.Tensor | None, dtype: torch.dtype
+def encode_text(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    texts: list[str],
+    device: str | torch.device,
+    clip_skip: int | None = None,
 ) -> torch.Tensor:
-    """The timesteps the UNet is given, ``num_train_timesteps * sigma``.
+    """CLIP hidden states of ``texts``, padded to the tokenizer's length (as SD1.5 was trained), in the encoder's dtype.
 
-    Without ``sigmas``: the scheduler's float32 ``timesteps`` (in ``dtype`` promoted to at least float32). For
-    ``sigmas`` given by the caller the product is formed and kept in float64 (float32 on MPS, which has no
-    float64), so a wrapped teacher (``from_teacher``) recovers exactly the sigmas given and queries the exact
-    teacher timesteps: one float32 ulp of ``1000 * sigma`` moves a teacher's t by about 3e-5 of a step. A UNet
-    casts its timesteps to float32 for the embedding itself.
+    The pipeline's prompts and the trainer's cached embeddings both come from here. ``clip_skip``: layers skipped
+    from the end; 1 takes the penultimate layer's states, passed through the final layer norm as the last layer's are.
     """
-    if sigmas is None:
-        return scheduler.timesteps.to(torch.promote_types(dtype, torch.float32))  # fp16 cannot resolve t near 1000
-    device = scheduler.timesteps.device
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()[: scheduler.num_inference_steps]
-    exact = torch.float32 if device.type == "mps" else torch.float64
-    return (sigmas * scheduler.config.num_train_timesteps).to(device=device, dtype=exact)
+    max_length = tokenizer.model_max_length
+    input_ids = tokenizer(
+        texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    too_long = [t for t, n in zip(texts, tokenizer(texts).input_ids) if len(n) > max_length]
+    if too_long:
+        logger.warning(f"CLIP takes at most {max_length} tokens; these prompts were truncated: {too_long}")
+    if clip_skip is None:
+        return text_encoder(input_ids.to(device))[0]
+    hidden_states = text_encoder(input_ids.to(device), output_hidden_states=True).hidden_states
+    # The last layer's states pass through the final layer norm; so must the earlier layer's.
+    # transformers 5 flattens CLIPTextModel (no .text_model); 4.x nests it.
+    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_layer_norm(hidden_states[-(clip_skip + 1)])
 
 
 class FlowLunePipeline(
@@ -199,7 +194,8 @@ class FlowLunePipeline(
 
         Args:
             sd_pipeline: a pipeline with ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and the teacher's own
-                DDPM-family ``scheduler`` (its betas define the bridge).
+                DDPM-family ``scheduler`` (its betas define the bridge), or any object with these attributes (the
+                trainer passes its ``TeacherComponents``).
             shift: the FlowLuneScheduler shift; 1.0 is the scheduler's default, pass the student's training
                 shift to sample teacher and student on the same sigma grid.
         """
@@ -275,22 +271,9 @@ class FlowLunePipeline(
         return prompt_embeds, negative_prompt_embeds
 
     def _encode_text(self, texts: list[str], device: torch.device, clip_skip: int | None) -> torch.Tensor:
-        """CLIP hidden states of ``texts``, padded to the tokenizer's length (as SD1.5 was trained)."""
+        """CLIP hidden states of ``texts`` (textual-inversion tokens expanded first); see ``encode_text``."""
         texts = self.maybe_convert_prompt(texts, self.tokenizer)  # textual inversion multi-vector tokens
-        max_length = self.tokenizer.model_max_length
-        input_ids = self.tokenizer(
-            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        too_long = [t for t, n in zip(texts, self.tokenizer(texts).input_ids) if len(n) > max_length]
-        if too_long:
-            logger.warning(f"CLIP takes at most {max_length} tokens; these prompts were truncated: {too_long}")
-        if clip_skip is None:
-            return self.text_encoder(input_ids.to(device))[0]
-        hidden_states = self.text_encoder(input_ids.to(device), output_hidden_states=True).hidden_states
-        # The last layer's states pass through the final layer norm; so must the earlier layer's.
-        # transformers 5 flattens CLIPTextModel (no .text_model); 4.x nests it.
-        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        return final_layer_norm(hidden_states[-(clip_skip + 1)])
+        return encode_text(self.tokenizer, self.text_encoder, texts, device, clip_skip)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "FlowLunePipeline":
@@ -574,8 +557,9 @@ class FlowLunePipeline(
         # 3. Prepare timesteps (the scheduler validates sigmas, still before any model runs)
         if sigmas is None and num_inference_steps is None:
             num_inference_steps = 28
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas)
-        self._num_timesteps = len(timesteps)
+        self.scheduler.set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas)
+        num_inference_steps = self.scheduler.num_inference_steps
+        self._num_timesteps = num_inference_steps
 
         # 4. Encode input prompt
         lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs is not None else None
@@ -609,13 +593,15 @@ class FlowLunePipeline(
 
         # 6. Denoising loop: Euler in sigma with the (guided) velocity
         with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, (t, t_model) in enumerate(zip(timesteps, model_timesteps(self.scheduler, sigmas, latents.dtype))):
+            for i, sigma in enumerate(self.scheduler.sigmas[:-1]):
                 if self.interrupt:
                     continue
+                # the scheduler's sigmas are float64: a wrapped teacher is queried at exact timesteps
+                t = flow_timestep(sigma, self.scheduler.config.num_train_timesteps)
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 v = self.unet(
                     latent_model_input,
-                    t_model.expand(latent_model_input.shape[0]),
+                    t.expand(latent_model_input.shape[0]),
                     encoder_hidden_states=model_embeds,
                     cross_attention_kwargs=cross_attention_kwargs,
                     return_dict=False,

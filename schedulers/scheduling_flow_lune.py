@@ -1,6 +1,6 @@
 """FlowLuneScheduler: Euler sampling of a rectified-flow model, shift applied exactly once.
 
-Noise convention (the only place it is written down; see ``flow.py`` for the formulas)::
+Noise convention (the formulas are in ``flow_lune.flow.convention``)::
 
     x_sigma = (1 - sigma) * x0 + sigma * eps     sigma = 1 is pure noise, sigma = 0 is data
     model(x_sigma, timestep = 1000 * sigma) = v = eps - x0
@@ -26,7 +26,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .flow import euler_step, flow_state, shift_sigma
+from flow_lune.flow.convention import (
+    euler_step,
+    flow_state,
+    flow_timestep,
+    shift_sigma,
+    sigma_from_flow_timestep,
+)
 
 
 @dataclass
@@ -99,7 +105,7 @@ class FlowLuneScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             num_inference_steps: number of Euler steps on the shifted base grid.
-            device: where ``timesteps`` and ``sigmas`` live.
+            device: where ``timesteps`` (float32) and ``sigmas`` (float64; float32 on MPS) live.
             sigmas: explicit, strictly decreasing sigmas in [0, 1], used exactly as given (no
                 shift); a terminal 0 is appended unless the last value already is 0.
         """
@@ -126,8 +132,11 @@ class FlowLuneScheduler(SchedulerMixin, ConfigMixin):
             sigmas = torch.cat([shift_sigma(base, float(self.config.shift)), base.new_zeros(1)])
 
         self.num_inference_steps = len(sigmas) - 1
-        self.sigmas = sigmas.to(device=device, dtype=torch.float32)
-        self.timesteps = (sigmas[:-1] * self.config.num_train_timesteps).to(device=device, dtype=torch.float32)
+        # sigmas stay float64 (MPS has none: float32 there), so a pipeline forms the model's timesteps from them
+        # exactly and a wrapped teacher is queried at exact timesteps; the Euler step works in float32.
+        exact = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+        self.sigmas = sigmas.to(device=device, dtype=exact)
+        self.timesteps = flow_timestep(sigmas[:-1], self.config.num_train_timesteps).to(device, torch.float32)
         self._step_index = None
         self._begin_index = None
 
@@ -173,7 +182,8 @@ class FlowLuneScheduler(SchedulerMixin, ConfigMixin):
         return FlowLuneSchedulerOutput(prev_sample=prev_sample)
 
     def _sigma_of(self, timestep: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(timestep, dtype=like.dtype, device=like.device) / self.config.num_train_timesteps
+        timestep = torch.as_tensor(timestep, dtype=like.dtype, device=like.device)
+        return sigma_from_flow_timestep(timestep, self.config.num_train_timesteps)
 
     def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The flow state at ``sigma = timestep / num_train_timesteps`` (diffusers' name and argument order)."""

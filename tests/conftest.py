@@ -10,10 +10,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from flow_lune.tiny import TinySDComponents, tiny_sd_components  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny-tokenizer"
+REPO = Path(__file__).resolve().parents[1]  # where the scripts live; never put on sys.path
+
+
+def load_script(name: str):
+    """A top-level script of the repository (e.g. ``train_flow_distill.py``) imported from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Wrapper(torch.nn.Module):
+    """Stands in for DDP: the hooked UNet is inside ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 @pytest.fixture

@@ -9,26 +9,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from flow_lune.schedulers.flow import flow_state
-from flow_lune.schedulers.sigma_sampling import SigmaSampler
+from flow_lune.flow import SigmaSampler, flow_state, sigma_to_bin
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_unet
-from flow_lune.training.assessor import (
-    Assessor,
-    AssessorBlockWeighting,
-    AssessorConfig,
+from flow_lune.training.assessor import Assessor, AssessorConfig
+from flow_lune.training.assessor_formulas import coherence, info_nce, kmeans, pattern_entropy, timestep_error
+from flow_lune.training.assessor_training import (
     AssessorTrainingConfig,
     TeacherBlockFeatures,
     assessor_loss,
-    coherence,
-    info_nce,
     initialise_from_features,
-    kmeans,
     make_views,
-    pattern_entropy,
-    sigma_to_bin,
-    timestep_error,
 )
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BLOCK_NAMES, block_channels
+from flow_lune.training.block_penalty import AssessorBlockPenalty
 from flow_lune.training.fusion import FusionConfig, fuse_block_weights
 from flow_lune.training.profile import (
     AssessorProfile,
@@ -215,7 +208,7 @@ def test_eval_mode_gives_the_training_outputs(trained):
 def test_block_weighting_fuses_the_signals(trained, tmp_path):
     trained.assessor.save_pretrained(tmp_path / "a")
     fusion = FusionConfig(alpha=0.5, beta=0.25, delta=0.25)
-    weighting = AssessorBlockWeighting.from_pretrained(tmp_path / "a", BASE_BLOCK_WEIGHTS, fusion, "cpu")
+    weighting = AssessorBlockPenalty.from_pretrained(tmp_path / "a", BASE_BLOCK_WEIGHTS, fusion, "cpu")
     f, s = states(trained, 0.6)
     student = [x + 0.3 * x.std(0) * torch.randn(x.shape, generator=torch.Generator().manual_seed(5)) for x in f]
     w = weighting(student, f, s)
@@ -228,7 +221,7 @@ def test_block_weighting_fuses_the_signals(trained, tmp_path):
     ratio = w.lam / torch.tensor(BASE_BLOCK_WEIGHTS)
     assert ratio.std() > 1e-3, "lambda_b / w_b is the same for every block"
     with pytest.raises(ValueError, match="base"):
-        AssessorBlockWeighting.from_pretrained(tmp_path / "a", [1.0] * 8, fusion, "cpu")
+        AssessorBlockPenalty.from_pretrained(tmp_path / "a", [1.0] * 8, fusion, "cpu")
 
 
 # ----------------------------------------------------------------------------------------------- save / load

@@ -1,26 +1,17 @@
 """train_assessor.py end to end on the embedded tiny teacher, and the trainer with --assessor (ablation pair)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_script
 
-from flow_lune.training.assessor import Assessor, AssessorBlockWeighting
+from flow_lune.training.assessor import Assessor
 from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BLOCK_NAMES
+from flow_lune.training.block_penalty import AssessorBlockPenalty
 from flow_lune.training.fusion import FusionConfig
 from flow_lune.training.profile import load_profile
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 TINY_ARGS = [
     "--resolution", "64",
@@ -62,7 +53,7 @@ def test_script_writes_a_loadable_assessor_and_profile(assessor_dir):
         assert block.centroids.abs().sum() > 0
     profile = load_profile(assessor_dir / "profile.json")
     assert profile.samples_per_bin == [1] * 100 and profile.block_names == list(BLOCK_NAMES)
-    w = AssessorBlockWeighting.from_pretrained(assessor_dir, BASE_BLOCK_WEIGHTS, FusionConfig(), "cpu")
+    w = AssessorBlockPenalty.from_pretrained(assessor_dir, BASE_BLOCK_WEIGHTS, FusionConfig(), "cpu")
     f = [torch.randn(3, c) for c in assessor.config.block_channels]
     out = w(f, f, torch.tensor([0.1, 0.5, 0.9]))
     assert out.lam.shape == (9,) and ((out.lam >= 0.5) & (out.lam <= 3.0)).all()
@@ -82,7 +73,7 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-TRAINER = ROOT / "train_flow_distill.py"
+TRAINER = REPO / "train_flow_distill.py"
 
 
 @pytest.mark.xfail(not TRAINER.exists(), reason="train_flow_distill.py is not written yet", run=False)

@@ -13,32 +13,28 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from flow_lune.schedulers import TeacherSchedule
+from flow_lune.flow import TeacherSchedule
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_sd_components
 from flow_lune.training.caching import CacheWriter, cache_folder, open_cache
-from flow_lune.training.data import (
-    DataConfig,
-    TeacherParts,
-    _latents_key,
-    _noise_for_rows,
-    collate,
-    prepare_training_data,
-    resolve_source,
-)
+from flow_lune.training.data import DataConfig, collate, prepare_training_data
+from flow_lune.training.data_caches import latents_key
+from flow_lune.training.models import TeacherComponents
 from flow_lune.training.prompts import SyntheticPrompts
+from flow_lune.training.seeds import row_noise
+from flow_lune.training.sources import resolve_source
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny-tokenizer"
 SF = 0.18215  # the tiny VAE's scaling factor, SD1.5's
 
 
 @pytest.fixture(scope="module")
-def parts() -> TeacherParts:
+def parts() -> TeacherComponents:
     c = tiny_sd_components(seed=0, tokenizer_folder=TOKENIZER_DIR)
-    return TeacherParts(c.vae, c.text_encoder, c.tokenizer, c.unet, dict(SD15_SCHEDULER_CONFIG))
+    return TeacherComponents(c.unet, c.vae, c.text_encoder, c.tokenizer, dict(SD15_SCHEDULER_CONFIG))
 
 
 @contextmanager
-def no_model_calls(parts: TeacherParts):
+def no_model_calls(parts: TeacherComponents):
     """Any VAE encode, UNet or text-encoder forward inside the block fails the test."""
 
     def fail(*args, **kwargs):
@@ -94,7 +90,7 @@ def image_folder(tmp_path_factory) -> Path:
 def test_image_folder_latents_are_vae_modes_of_the_cropped_flipped_images(parts, image_folder, tmp_path):
     cfg = DataConfig(train_data_dir=str(image_folder), resolution=64, random_flip=True, seed=1, cache_dir=str(tmp_path))
     ds = prepare_training_data(cfg, parts, None)
-    assert len(ds) == 5 and ds.source == "images"
+    assert len(ds) == 5 and ds.latents_cache.meta["source"] == "images"
     assert ds.prompts == [f"picture number {i}" for i in range(5)]
     transforms = ds.latents_cache.read_json("transforms.json")
     flips = [t["flip"] for t in transforms]
@@ -201,13 +197,13 @@ def test_generated_latents_equal_ddim_of_the_teacher_and_are_reused(parts, tmp_p
     ds = prepare_training_data(cfg, parts, None)
     assert ds.prompts == ["a red fox", "a blue house", "a red fox"]  # stripped, blank skipped, cycled
     latents = collate([ds[i] for i in range(3)])["latents"]
-    expected = ddim_reference(parts, ds.prompts, _noise_for_rows(range(3), (4, 8, 8), 7), 2, 3.0)
+    expected = ddim_reference(parts, ds.prompts, row_noise(range(3), (4, 8, 8), 7), 2, 3.0)
     rel = ((latents - expected).abs().max() / expected.abs().max()).item()
     # The teacher is queried at DDIM's integer t exactly (float64 timesteps); what is left is float32 roundoff,
     # amplified by the tiny random UNet: 2e-5 to 1.1e-4 by thread count. A wrong formula is off by O(1), e.g.
     # no guidance:
     assert rel < 5e-4, rel
-    unguided = ddim_reference(parts, ds.prompts, _noise_for_rows(range(3), (4, 8, 8), 7), 2, 1.0)
+    unguided = ddim_reference(parts, ds.prompts, row_noise(range(3), (4, 8, 8), 7), 2, 1.0)
     assert ((latents - unguided).abs().max() / unguided.abs().max()).item() > 0.05
     assert not torch.allclose(latents[0], latents[2])  # same prompt, own noise
 
@@ -219,7 +215,7 @@ def test_generated_latents_equal_ddim_of_the_teacher_and_are_reused(parts, tmp_p
 def test_synthetic_default_source(parts, tmp_path):
     cfg = DataConfig(num_generated=2, generation_steps=1, resolution=32, seed=4, cache_dir=str(tmp_path))
     ds = prepare_training_data(cfg, parts, None)
-    assert ds.source == "synthetic" and ds.prompts == SyntheticPrompts(4).generate(2)
+    assert ds.latents_cache.meta["source"] == "synthetic" and ds.prompts == SyntheticPrompts(4).generate(2)
     assert ds[1]["latents"].shape == (4, 4, 4) and torch.isfinite(ds[1]["latents"]).all()
     assert ds[1]["prompt_embeds"].shape == (77, 32)
 
@@ -227,18 +223,18 @@ def test_synthetic_default_source(parts, tmp_path):
 def test_cache_key_follows_teacher_weights_and_settings(parts, tmp_path):
     cfg = DataConfig(num_generated=2, resolution=32, cache_dir=str(tmp_path))
     source = resolve_source(cfg)
-    key = _latents_key(source, parts, cfg, {})
-    assert key == _latents_key(source, parts, cfg, {})
+    key = latents_key(source, parts, cfg, {})
+    assert key == latents_key(source, parts, cfg, {})
     for change in ({"generation_steps": 3}, {"generation_guidance": 1.0}, {"seed": 1}, {"teacher_id": "x@rev"}):
         other = DataConfig(**{**cfg.__dict__, **change})
-        assert cache_folder(tmp_path, "l", _latents_key(resolve_source(other), parts, other, {})) != cache_folder(
+        assert cache_folder(tmp_path, "l", latents_key(resolve_source(other), parts, other, {})) != cache_folder(
             tmp_path, "l", key
         ), change
     other_teacher = tiny_sd_components(seed=1, tokenizer_folder=TOKENIZER_DIR)
-    other_parts = TeacherParts(
-        parts.vae, parts.text_encoder, parts.tokenizer, other_teacher.unet, parts.scheduler_config
+    other_parts = TeacherComponents(
+        other_teacher.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config
     )
-    assert _latents_key(source, other_parts, cfg, {}) != key
+    assert latents_key(source, other_parts, cfg, {}) != key
 
 
 def test_corrupt_or_partial_cache_is_rebuilt_never_used(parts, tmp_path, caplog):

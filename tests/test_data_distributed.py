@@ -17,14 +17,15 @@ import json, os, sys
 import torch
 from accelerate import Accelerator
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_sd_components
-from flow_lune.training.data import DataConfig, TeacherParts, prepare_training_data
+from flow_lune.training.data import DataConfig, prepare_training_data
+from flow_lune.training.models import TeacherComponents
 
 accelerator = Accelerator(cpu=True)
 c = tiny_sd_components(0)
 calls = []
 forward = c.unet.forward
 c.unet.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-parts = TeacherParts(c.vae, c.text_encoder, c.tokenizer, c.unet, SD15_SCHEDULER_CONFIG)
+parts = TeacherComponents(c.unet, c.vae, c.text_encoder, c.tokenizer, SD15_SCHEDULER_CONFIG)
 cfg = DataConfig(num_generated=4, generation_steps=2, resolution=32, cache_dir=sys.argv[1])
 ds = prepare_training_data(cfg, parts, accelerator)
 x = torch.stack([ds[i]["latents"] for i in range(len(ds))])

@@ -88,7 +88,7 @@ def test_docs_name_the_workflow_files_the_converter_writes():
 
 
 def test_math_quotes_the_teachers_range():
-    from flow_lune.schedulers import TeacherSchedule
+    from flow_lune.flow import TeacherSchedule
 
     schedule = TeacherSchedule.from_scheduler_config(builtin_config("scheduler"))
     text = doc("math.md")

@@ -71,10 +71,10 @@ def test_bad_signals():
 
 def test_none_gives_base_weights_exactly_and_zero_signals_fuse_to_the_same():
     from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS
-    from flow_lune.training.weighting import ConstantBlockWeighting, build_block_weighting
+    from flow_lune.training.block_penalty import ConstantBlockPenalty, build_block_penalty
 
-    none = build_block_weighting("none", BASE_BLOCK_WEIGHTS, FusionConfig(), "cpu")
-    assert isinstance(none, ConstantBlockWeighting)
+    none = build_block_penalty("none", BASE_BLOCK_WEIGHTS, FusionConfig(), "cpu")
+    assert isinstance(none, ConstantBlockPenalty)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # whatever the features and sigma
         f = [torch.randn(2, c, generator=g) for c in (32, 32, 64, 64, 64, 64, 64, 32, 32)]

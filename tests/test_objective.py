@@ -1,33 +1,39 @@
-"""The distillation objective, block hooks and block weighting, against independent recomputations."""
+"""The distillation objective against independent recomputations, and that training needs the right target."""
 
 import copy
 import math
 
 import pytest
 import torch
+from conftest import Wrapper
 from torch import nn
 
-from flow_lune.schedulers import TeacherSchedule, flow_state, teacher_query
+from flow_lune.flow import EpsilonToFlowUNet, TeacherSchedule, flow_state, teacher_query
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG, tiny_unet
 from flow_lune.training.block_features import (
     BASE_BLOCK_WEIGHTS,
-    BLOCK_NAMES,
     BlockFeatureHooks,
-    block_channels,
-    pool_block_output,
 )
+from flow_lune.training.block_penalty import ConstantBlockPenalty
 from flow_lune.training.objective import (
     ObjectiveConfig,
     block_kd,
     distillation_loss,
     flow_matching_loss,
     per_sample_mse,
-    teacher_velocity,
     total_loss,
 )
-from flow_lune.training.weighting import BlockWeights, ConstantBlockWeighting, build_block_weighting
 
 SCHEDULE = TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
+
+
+def bridge(teacher: nn.Module) -> EpsilonToFlowUNet:
+    return EpsilonToFlowUNet(teacher, SD15_SCHEDULER_CONFIG)
+
+
+@torch.no_grad()
+def teacher_velocity(teacher: nn.Module, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor):
+    return bridge(teacher).velocity(x_sigma.float(), sigma.float(), cond)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,52 +48,6 @@ def _x0(batch: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(batch, 4, 2, 2, generator=g)
     return torch.nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False) * 1.5
-
-
-class Wrapper(nn.Module):
-    """Stands in for DDP: the hooked UNet is inside ``.module``."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-
-# ---------------------------------------------------------------- block features
-
-
-def test_hooks_capture_nine_pooled_blocks_and_detach():
-    unet = tiny_unet(0)
-    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), _cond(2)
-    with BlockFeatureHooks(unet, pooled=False) as full, BlockFeatureHooks(Wrapper(unet).module) as pooled:
-        Wrapper(unet)(x, t, c)
-        maps, feats = full.features, pooled.features
-    assert len(feats) == len(BLOCK_NAMES) == 9
-    assert [f.shape[1] for f in feats] == block_channels(unet) == [32, 32, 64, 64, 64, 64, 64, 32, 32]
-    for m, f in zip(maps, feats):
-        assert m.ndim == 4
-        torch.testing.assert_close(f, m.mean(dim=(2, 3)), rtol=0, atol=0)
-    # Outside the context the hooks are gone: a new forward captures nothing.
-    hooks = BlockFeatureHooks(unet)
-    unet(x, t, c)
-    with pytest.raises(RuntimeError, match="No features captured"):
-        _ = hooks.features
-
-
-def test_pool_block_output_takes_first_of_tuple():
-    h = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
-    expected = torch.stack([torch.stack([h[b, c].sum() / 20 for c in range(3)]) for b in range(2)])
-    torch.testing.assert_close(pool_block_output((h, (torch.zeros(1),))), expected)
-    torch.testing.assert_close(pool_block_output(h), expected)
-    with pytest.raises(TypeError):
-        pool_block_output(torch.zeros(2, 3))
-
-
-def test_hooks_reject_a_model_without_sd15_blocks():
-    with pytest.raises(ValueError, match="down_blocks.0"):
-        BlockFeatureHooks(nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------- loss formulas
@@ -165,7 +125,7 @@ def test_teacher_velocity_is_the_bridge_not_v_prediction():
     cond = _cond(3)
     v_star, v_pred_ddpm, sigma64 = _independent_v_star(teacher, x_sigma, t_int, cond)
     torch.testing.assert_close(sigma.double(), sigma64.flatten())
-    got = teacher_velocity(teacher, x_sigma, sigma, cond, SCHEDULE)
+    got = teacher_velocity(teacher, x_sigma, sigma, cond)
     torch.testing.assert_close(got, v_star, rtol=1e-4, atol=1e-4)
     # DDPM v-prediction is a different quantity: every sample misses it by 1000 times the tolerance above.
     for i in range(3):
@@ -180,16 +140,16 @@ def test_distillation_loss_assembles_one_teacher_forward():
     x0, eps = _x0(2, 4), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     sigma, cond = torch.tensor([0.3, 0.97]), _cond(2)
     config = ObjectiveConfig()
-    weighting = ConstantBlockWeighting()
+    weighting = ConstantBlockPenalty()
     with BlockFeatureHooks(student) as s_hooks, BlockFeatureHooks(teacher) as t_hooks:
         out = distillation_loss(
-            Wrapper(student), teacher, s_hooks, t_hooks, x0, eps, sigma, cond, SCHEDULE, weighting, config
+            Wrapper(student), bridge(teacher), s_hooks, t_hooks, x0, eps, sigma, cond, weighting, config
         )
     assert len(calls) == 1
     # Independent assembly from separate forwards.
     x_sigma = (1 - sigma.reshape(-1, 1, 1, 1)) * x0 + sigma.reshape(-1, 1, 1, 1) * eps
     with BlockFeatureHooks(teacher) as th, BlockFeatureHooks(student) as sh:
-        v_t = teacher_velocity(teacher, x_sigma, sigma, cond, SCHEDULE)
+        v_t = teacher_velocity(teacher, x_sigma, sigma, cond)
         v_s = student(x_sigma, 1000 * sigma, cond).sample
         kd = torch.stack([(1 - torch.cosine_similarity(s, t, dim=1)).mean() for s, t in zip(sh.features, th.features)])
     flow = ((v_s - v_t) ** 2).mean(dim=(1, 2, 3)).mean()
@@ -203,17 +163,6 @@ def test_distillation_loss_assembles_one_teacher_forward():
     out.loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is None for p in teacher.parameters())
-
-
-def test_constant_weighting_and_builder():
-    weighting = build_block_weighting("none", BASE_BLOCK_WEIGHTS, fusion=None, device="cpu")
-    assert isinstance(weighting, ConstantBlockWeighting)
-    feats = [torch.randn(2, 3) for _ in range(9)]
-    out = weighting(feats, feats, torch.tensor([0.5, 0.5]))
-    assert isinstance(out, BlockWeights) and out.e_t is None
-    torch.testing.assert_close(out.lam, torch.tensor(BASE_BLOCK_WEIGHTS))
-    with pytest.raises(ValueError, match="9 finite values"):
-        ConstantBlockWeighting([1.0, 2.0])
 
 
 # ---------------------------------------------------------------- training works, and only with the right target
@@ -243,7 +192,7 @@ def _train(teacher, target: str, steps: int = 40):
             x0, eps = _x0(8, 100 + step), torch.randn(8, 4, 8, 8, generator=g)
             sigma, cond = lo + (hi - lo) * torch.rand(8, generator=g), _cond(8, 200 + step)
             out = distillation_loss(
-                student, teacher, s_hooks, t_hooks, x0, eps, sigma, cond, SCHEDULE, ConstantBlockWeighting(), config
+                student, bridge(teacher), s_hooks, t_hooks, x0, eps, sigma, cond, ConstantBlockPenalty(), config
             )
             loss = out.loss
             if target == "v_pred":

@@ -15,9 +15,10 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from flow_lune.flow import EpsilonToFlowUNet, TeacherSchedule, noise_norm, sigma_from_t
 from flow_lune.pipelines import FlowLunePipeline
 from flow_lune.pipelines import pipeline_flow_lune as pipeline_module
-from flow_lune.schedulers import EpsilonToFlowUNet, FlowLuneScheduler, TeacherSchedule, noise_norm, sigma_from_t
+from flow_lune.schedulers import FlowLuneScheduler
 
 STEPS = 2  # enough to exercise the loop (first, last step) on tiny models
 SHIFT = 3.0  # a shift != 1, so that a doubly applied shift would show

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flow_lune.schedulers import FlowLuneScheduler, euler_step, flow_state, shift_sigma
+from flow_lune.flow import euler_step, flow_state, shift_sigma
+from flow_lune.schedulers import FlowLuneScheduler
 
 
 def shifted(sigma: float, s: float) -> float:
@@ -15,7 +16,8 @@ def test_four_steps_shift_three_is_shifted_once():
     sched = FlowLuneScheduler(shift=3.0)
     sched.set_timesteps(4)
     expected = [shifted(x, 3.0) for x in (1.0, 0.75, 0.5, 0.25)] + [0.0]
-    torch.testing.assert_close(sched.sigmas, torch.tensor(expected))
+    torch.testing.assert_close(sched.sigmas.float(), torch.tensor(expected))
+    assert sched.sigmas.dtype == torch.float64  # exact sigmas; the Euler step and timesteps are float32
     torch.testing.assert_close(sched.timesteps, torch.tensor(expected[:-1]) * 1000)
     assert sched.timesteps.dtype == torch.float32
     assert sched.init_noise_sigma == 1.0
@@ -37,7 +39,7 @@ def test_diffusers_double_shift_is_the_only_difference():
     # Explicit sigmas: diffusers shifts them, FlowLune uses them as given.
     ours.set_timesteps(sigmas=[0.9, 0.5])
     theirs.set_timesteps(sigmas=[0.9, 0.5])
-    torch.testing.assert_close(ours.sigmas, torch.tensor([0.9, 0.5, 0.0]))
+    torch.testing.assert_close(ours.sigmas.float(), torch.tensor([0.9, 0.5, 0.0]))
     torch.testing.assert_close(theirs.sigmas, torch.tensor([shifted(0.9, 3.0), shifted(0.5, 3.0), 0.0]))
     # At shift 1 there is no shift to apply twice, and only the base grids differ.
     one = FlowMatchEulerDiscreteScheduler(shift=1.0)
@@ -52,7 +54,7 @@ def test_step_identical_to_diffusers_for_identical_sigmas(dtype):
     ours, theirs = FlowLuneScheduler(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=1.0)
     ours.set_timesteps(sigmas=sigmas)
     theirs.set_timesteps(sigmas=sigmas)
-    torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=0, atol=0)
+    torch.testing.assert_close(ours.sigmas.float(), theirs.sigmas, rtol=0, atol=0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=gen).to(dtype)
     y = x.clone()
@@ -81,9 +83,9 @@ def test_save_load_round_trip(tmp_path):
 def test_explicit_sigmas_used_exactly():
     sched = FlowLuneScheduler(shift=3.0)
     sched.set_timesteps(sigmas=[0.9, 0.5, 0.1])
-    torch.testing.assert_close(sched.sigmas, torch.tensor([0.9, 0.5, 0.1, 0.0]))
+    torch.testing.assert_close(sched.sigmas.float(), torch.tensor([0.9, 0.5, 0.1, 0.0]))
     sched.set_timesteps(sigmas=[0.9, 0.5, 0.0])  # a terminal 0 already there is not doubled
-    torch.testing.assert_close(sched.sigmas, torch.tensor([0.9, 0.5, 0.0]))
+    torch.testing.assert_close(sched.sigmas.float(), torch.tensor([0.9, 0.5, 0.0]))
     assert sched.num_inference_steps == 2
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flow_lune.schedulers import SIGMA_MIN, AdaptiveSigmaSampler, SigmaSampler, loss_weighting
+from flow_lune.flow import SIGMA_MIN, AdaptiveSigmaSampler, SigmaSampler, loss_weight
 
 N = 200_000
 QS = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
@@ -62,9 +62,9 @@ def test_clip_and_seeding():
 
 def test_loss_weightings():
     sigma = torch.tensor([0.1, 0.5, 0.9])
-    torch.testing.assert_close(loss_weighting("none", sigma), torch.ones(3))
-    torch.testing.assert_close(loss_weighting("sigma_sqrt", sigma), 1 / sigma**2)
-    torch.testing.assert_close(loss_weighting("cosmap", sigma), 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)))
+    torch.testing.assert_close(loss_weight("none", sigma), torch.ones(3))
+    torch.testing.assert_close(loss_weight("sigma_sqrt", sigma), 1 / sigma**2)
+    torch.testing.assert_close(loss_weight("cosmap", sigma), 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2)))
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_loss_weightings():
     [
         (lambda: SigmaSampler("gaussian"), "Unknown sigma density"),
         (lambda: SigmaSampler("uniform", shift=0), "shift must be > 0"),
-        (lambda: loss_weighting("snr", torch.ones(1)), "Unknown loss weighting"),
+        (lambda: loss_weight("snr", torch.ones(1)), "Unknown loss weighting"),
         (lambda: AdaptiveSigmaSampler(torch.ones(10), torch.ones(9)), "one value per bin"),
         (lambda: AdaptiveSigmaSampler(torch.zeros(10), torch.ones(10)), "finite and > 0"),
     ],

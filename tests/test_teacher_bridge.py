@@ -6,9 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from flow_lune.schedulers import (
+from flow_lune.flow import (
     EpsilonToFlowUNet,
-    FlowLuneScheduler,
     TeacherSchedule,
     euler_step,
     guided_velocity,
@@ -17,6 +16,7 @@ from flow_lune.schedulers import (
     teacher_query,
     velocity_from_eps,
 )
+from flow_lune.schedulers import FlowLuneScheduler
 from flow_lune.tiny import SD15_SCHEDULER_CONFIG
 
 

@@ -38,9 +38,9 @@ def test_components_keep_sd15_layout_and_are_seeded(tiny_components):
 def test_install_claims_only_the_flow_lune_namespace(tmp_path):
     """Installed, the subpackages live under flow_lune; no generic top-level name is importable."""
     code = (
-        "import importlib.util as u, flow_lune.schedulers, flow_lune.pipelines, flow_lune.convert, "
+        "import importlib.util as u, flow_lune.flow, flow_lune.schedulers, flow_lune.pipelines, flow_lune.convert, "
         "flow_lune.training; "
-        "print([n for n in ('convert', 'pipelines', 'schedulers', 'training') if u.find_spec(n)])"
+        "print([n for n in ('flow', 'convert', 'pipelines', 'schedulers', 'training') if u.find_spec(n)])"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -15,21 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from flow_lune.training.block_features import BLOCK_NAMES
+from flow_lune.training.checkpoints import list_checkpoints, resolve_resume
 
-import train_flow_distill  # noqa: E402
-from flow_lune.training.block_features import BLOCK_NAMES  # noqa: E402
-from flow_lune.training.checkpoints import (  # noqa: E402
-    EpochShuffleSampler,
-    RandomStreams,
-    list_checkpoints,
-    prune_checkpoints,
-    resolve_resume,
-)
+train_flow_distill = load_script("train_flow_distill.py")
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -144,8 +137,10 @@ KILLER = textwrap.dedent(
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, {repo!r})
-    import train_flow_distill as t
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_flow_distill", {script!r})
+    t = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t)
 
     def save_then_die(accelerator, output_dir, step, total_limit, _orig=t.save_checkpoint):
         if step == {kill_step}:  # killed while writing: the state is in checkpoint-N.tmp, never renamed
@@ -169,7 +164,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, cache_dir):
 
     killed = tmp_path / "killed"
     script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(repo=str(REPO), kill_step=9))
+    script.write_text(KILLER.format(script=str(REPO / "train_flow_distill.py"), kill_step=9))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(script), *base_args(killed, cache_dir, *extra)], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -207,7 +202,9 @@ def test_resume_latest_without_checkpoints_starts_fresh_and_refuses_overwrites(t
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, cache_dir, monkeypatch):
-    real = train_flow_distill.distillation_loss
+    from flow_lune.training import step
+
+    real = step.distillation_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -217,7 +214,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, cache_dir, mon
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_flow_distill, "distillation_loss", sometimes_nan)
+    monkeypatch.setattr(step, "distillation_loss", sometimes_nan)
     bad = {2}
     out = tmp_path / "nan"
     run(out, cache_dir, "--max_train_steps", "3", "--no_single_file")
@@ -356,68 +353,6 @@ def test_single_file_teacher_needs_its_config_and_must_be_epsilon(tmp_path, cach
     assert not teacher_cache.exists()  # nothing converted for any refused teacher
 
 
-# ---------------------------------------------------------------- the lambda plot
-
-
-def test_lambda_plot_labels_and_overlapping_lines(tmp_path):
-    """Labels keep their '.' and spaces; down_blocks.i and up_blocks.(3-i), equal without an assessor, both show."""
-    from PIL import Image
-
-    from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS
-    from flow_lune.training.logging_utils import BLOCK_COLOURS, label_font, plot_lambda, same_as
-
-    font = label_font()
-    space, dot = font.getlength("a b") - font.getlength("ab"), font.getlength("a.b") - font.getlength("ab")
-    assert space >= 3 and dot >= 3, (space, dot)  # Pillow's 10 px default gives 2 px: "lambda_bover", "blocks0"
-    weights = [float(w) for w in BASE_BLOCK_WEIGHTS]
-    assert weights[:4] == weights[5:][::-1]  # the base weights are symmetric, so these lines coincide
-    records = [{"step": s, "lambda": dict(zip(BLOCK_NAMES, weights))} for s in range(1, 6)]
-    values = [[r["lambda"][b] for r in records] for b in BLOCK_NAMES]
-    assert same_as(values) == {5: 3, 6: 2, 7: 1, 8: 0}
-    path = plot_lambda(records, tmp_path / "lambda.png", size=(640, 360))
-    plot_area = Image.open(path).convert("RGB").crop((0, 0, 640, 360))
-    colours = {c for _, c in plot_area.getcolors(maxcolors=1 << 16)}
-    missing = [BLOCK_NAMES[b] for b in range(9) if b != 4 and BLOCK_COLOURS[b] not in colours]
-    assert not missing, f"lines hidden under another: {missing}"
-
-
-# ---------------------------------------------------------------- checkpoint helpers
-
-
-def test_checkpoint_folders_ignore_partial_ones_and_prune_oldest(tmp_path):
-    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-30", "checkpoint-40.tmp", "other"):
-        (tmp_path / name).mkdir()
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]
-    assert resolve_resume("latest", tmp_path).name == "checkpoint-30"
-    assert resolve_resume("checkpoint-10", tmp_path).name == "checkpoint-10"
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
-        resolve_resume("checkpoint-40.tmp", tmp_path)
-    prune_checkpoints(tmp_path, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint-10",
-        "checkpoint-30",
-        "checkpoint-40.tmp",
-        "other",
-    ]
-
-
-def test_random_streams_and_sampler_depend_on_position_only():
-    a, b = RandomStreams(seed=1), RandomStreams(seed=1)
-    x = torch.randn(5, generator=a.generator("noise", 2, 7))
-    assert torch.equal(x, torch.randn(5, generator=b.generator("noise", 2, 7)))
-    assert not torch.equal(x, torch.randn(5, generator=b.generator("noise", 2, 8)))
-    assert not torch.equal(x, torch.randn(5, generator=b.generator("sigma", 2, 7)))
-    assert not torch.equal(x, torch.randn(5, generator=RandomStreams(1, process_index=1).generator("noise", 2, 7)))
-    sampler = EpochShuffleSampler(10, seed=4)
-    sampler.set_epoch(3)
-    order = list(sampler)
-    assert sorted(order) == list(range(10))
-    sampler.set_epoch(0)
-    assert list(sampler) != order
-    sampler.set_epoch(3)
-    assert list(sampler) == order
-
-
 # ---------------------------------------------------------------- several processes
 
 
@@ -446,11 +381,10 @@ def test_two_process_cpu_run_writes_one_set_of_checkpoints(tmp_path, cache_dir):
 
 def held_out_flow_loss(unet, teacher, dataset, seed: int = 123) -> float:
     """Flow MSE against v* on fixed states: every cached x0, fresh noise, a fixed sigma grid in [0.05, 0.8]."""
-    from flow_lune.schedulers import TeacherSchedule, flow_state
+    from flow_lune.flow import EpsilonToFlowUNet, flow_state, flow_timestep
     from flow_lune.tiny import SD15_SCHEDULER_CONFIG
-    from flow_lune.training.objective import flow_matching_loss, student_timestep, teacher_velocity
+    from flow_lune.training.objective import flow_matching_loss
 
-    schedule = TeacherSchedule.from_scheduler_config(SD15_SCHEDULER_CONFIG)
     rows = [dataset[i] for i in range(len(dataset))]
     x0 = torch.stack([r["latents"] for r in rows])
     cond = torch.stack([r["prompt_embeds"] for r in rows])
@@ -458,15 +392,15 @@ def held_out_flow_loss(unet, teacher, dataset, seed: int = 123) -> float:
     sigma = torch.linspace(0.05, 0.8, len(rows))
     x_sigma = flow_state(x0, eps, sigma)
     with torch.no_grad():
-        v_star = teacher_velocity(teacher, x_sigma, sigma, cond, schedule)
-        v = unet(x_sigma, student_timestep(sigma), cond).sample
+        v_star = EpsilonToFlowUNet(teacher, SD15_SCHEDULER_CONFIG).velocity(x_sigma, sigma, cond)
+        v = unet(x_sigma, flow_timestep(sigma), cond).sample
     return float(flow_matching_loss(v, v_star, sigma))
 
 
 def test_training_lowers_the_held_out_flow_loss(tmp_path, cache_dir):
     from diffusers import UNet2DConditionModel
 
-    from flow_lune.training.data import DataConfig, TeacherParts, prepare_training_data
+    from flow_lune.training.data import DataConfig, prepare_training_data
     from flow_lune.training.models import load_teacher
 
     out = tmp_path / "works"
@@ -477,8 +411,7 @@ def test_training_lowers_the_held_out_flow_loss(tmp_path, cache_dir):
     teacher = load_teacher(str(cache_dir / "tiny-sd15-teacher"))
     cfg = DataConfig(cache_dir=str(cache_dir), num_generated=8, generation_steps=2, resolution=64, seed=3,
                      teacher_id="flow_lune.tiny(seed=0)")  # fmt: skip
-    parts = TeacherParts(teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.unet, teacher.scheduler_config)
-    dataset = prepare_training_data(cfg, parts)  # the run's cache, reused
+    dataset = prepare_training_data(cfg, teacher)  # the run's cache, reused
     before = held_out_flow_loss(teacher.unet, teacher.unet, dataset)
     student = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").eval()
     after = held_out_flow_loss(student, teacher.unet, dataset)

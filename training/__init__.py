@@ -3,14 +3,18 @@
 Modules (imported on first use, so ``import flow_lune.training`` stays cheap):
 
 - ``objective``: flow MSE against the teacher's v*, per-block KD, the total loss (DESIGN.md sections 2-5);
+- ``step``: one training step (loss, gated backward, metric sums), shared by the trainer and its benchmark;
 - ``block_features``: the nine UNet blocks, forward hooks, pooled features;
-- ``weighting``: the per-block weighting interface (lambda_b) and its constant control;
-- ``fusion``, ``assessor``: the geometric assessor and the fusion of its signals (DESIGN.md section 6);
-- ``data``, ``prompts``, ``caching``: cached latents and text embeddings (DESIGN.md section 3);
+- ``block_penalty``: lambda_b of the KD penalty, constant (``--assessor none``) or from the assessor;
+- ``fusion``, ``assessor``, ``profile``: the geometric assessor, the fusion of its signals, its profile;
+- ``data`` (dataset, entry point), ``data_config``, ``sources``, ``encoding``, ``data_caches``, ``caching``,
+  ``prompts``: cached latents and text embeddings (DESIGN.md section 3);
+- ``seeds``: every seed derived from ``--seed`` (random streams, per-row streams);
 - ``models``: loading the teacher, building the student;
-- ``checkpoints``: atomic checkpoints, diffusers-layout hooks, random streams, the epoch sampler;
-- ``logging_utils``: metrics.jsonl, the lambda plot, validation grids;
-- ``export``: the FlowLunePipeline folder, the single file, the model card, the upload.
+- ``checkpoints``: atomic checkpoints, diffusers-layout hooks, the epoch sampler;
+- ``metrics``, ``plots``, ``validation``: metrics.jsonl, the charts, teacher/student validation sampling;
+- ``export``: the FlowLunePipeline folder, the single file, the model card, the upload;
+- ``cli``: the flags both trainers share.
 """
 
 from importlib import import_module
@@ -21,26 +25,28 @@ _EXPORTS = {
     "BASE_BLOCK_WEIGHTS": "block_features",
     "BlockFeatureHooks": "block_features",
     "pool_block_output": "block_features",
-    "BlockWeights": "weighting",
-    "BlockWeighting": "weighting",
-    "ConstantBlockWeighting": "weighting",
-    "build_block_weighting": "weighting",
+    "BlockWeights": "block_penalty",
+    "BlockPenalty": "block_penalty",
+    "ConstantBlockPenalty": "block_penalty",
+    "AssessorBlockPenalty": "block_penalty",
+    "build_block_penalty": "block_penalty",
     "ObjectiveConfig": "objective",
-    "DistillationLoss": "objective",
+    "DistillationOutput": "objective",
     "distillation_loss": "objective",
     "flow_matching_loss": "objective",
     "block_kd": "objective",
     "total_loss": "objective",
-    "teacher_velocity": "objective",
+    "DistillationStep": "step",
     "FusionConfig": "fusion",
     "fuse_block_weights": "fusion",
     "DataConfig": "data",
     "LatentPromptDataset": "data",
     "prepare_training_data": "data",
+    "TeacherComponents": "models",
     "load_teacher": "models",
     "build_student": "models",
     "save_checkpoint": "checkpoints",
-    "RandomStreams": "checkpoints",
+    "RandomStreams": "seeds",
     "EpochShuffleSampler": "checkpoints",
     "export_final": "export",
 }

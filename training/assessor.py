@@ -18,13 +18,13 @@ The embedding is trained contrastively on the teacher (InfoNCE): two views of th
 x0 at a nearby sigma with partly fresh noise) agree, other samples in the batch disagree. So ``coh`` is 1
 when the student's features equal the teacher's, and falls as they move toward another sample's.
 
-Saved as ``config.json`` + ``model.safetensors``; loading checks every key and shape both ways.
+Saved as ``config.json`` + ``model.safetensors``; loading checks every key and shape both ways. The formulas are
+in ``assessor_formulas.py``, its training in ``assessor_training.py``, its profile in ``profile.py``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -36,121 +36,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flow_lune.atomic import atomic_file
+from flow_lune.flow import sigma_to_bin
 
-from .fusion import FusionConfig, fuse_block_weights
-
-__all__ = [
-    "AssessorConfig",
-    "AssessorTrainingConfig",
-    "AssessorSignals",
-    "AssessorLoss",
-    "CompanionOutput",
-    "BlockCompanion",
-    "Assessor",
-    "AssessorBlockWeighting",
-    "TeacherBlockFeatures",
-    "sigma_to_bin",
-    "timestep_error",
-    "pattern_entropy",
-    "coherence",
-    "info_nce",
-    "soft_bin_targets",
-    "kmeans",
-    "make_views",
-    "initialise_from_features",
-    "assessor_loss",
-]
+from .assessor_formulas import coherence, pattern_entropy, timestep_error
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROFILE_NAME = "profile.json"
 PROFILE_IMAGE_NAME = "profile.png"
-
-
-# ----------------------------------------------------------------------------------------------- formulas
-
-
-def sigma_to_bin(sigma: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Bin index of ``sigma`` among ``num_bins`` equal bins over [0, 1]: ``min(floor(sigma * num_bins), num_bins - 1)``.
-
-    The same binning as ``AdaptiveSigmaSampler`` (sigma = 1 falls in the last bin).
-    """
-    return (sigma.detach().to(torch.float64) * num_bins).floor().long().clamp(0, num_bins - 1)
-
-
-def timestep_error(timestep_logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``clip(CE(logits, bin) / ln(num_bins), 0, 1)``: 0 = certain and right, 1 = uniform or worse."""
-    num_bins = timestep_logits.shape[-1]
-    ce = F.cross_entropy(timestep_logits.float(), bins.to(timestep_logits.device), reduction="none")
-    return (ce / math.log(num_bins)).clamp(0, 1)
-
-
-def pattern_entropy(pattern_logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``H(softmax(logits)) / ln(num_patterns)`` in [0, 1]: 0 = one pattern, 1 = all equally likely."""
-    log_p = F.log_softmax(pattern_logits.float(), dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return (entropy / math.log(pattern_logits.shape[-1])).clamp(0, 1)
-
-
-def coherence(z_student: torch.Tensor, z_teacher: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``(1 + cos(z_student, z_teacher)) / 2`` in [0, 1]."""
-    return ((1 + F.cosine_similarity(z_student.float(), z_teacher.float(), dim=-1)) / 2).clamp(0, 1)
-
-
-def soft_bin_targets(bins: torch.Tensor, num_bins: int, width: float) -> torch.Tensor:
-    """(B, num_bins) targets ``q_k ∝ exp(-(k - bin)^2 / (2 width^2))``; one-hot for ``width = 0``.
-
-    Neighbouring sigma bins hold nearly the same features; soft targets keep the head calibrated across
-    them, so a prediction one bin off costs little instead of saturating ``e_t``.
-    """
-    if width == 0:
-        return F.one_hot(bins, num_bins).float()
-    k = torch.arange(num_bins, device=bins.device, dtype=torch.float32)
-    logq = -((k[None, :] - bins[:, None].float()) ** 2) / (2 * width**2)
-    return logq.softmax(-1)
-
-
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP loss, Radford et al. 2021): ``(CE(z1 z2^T / T, I) + CE(z2 z1^T / T, I)) / 2``.
-
-    Row i of ``z1`` and row i of ``z2`` are two views of one sample; the other rows are its negatives.
-    """
-    logits = z1 @ z2.T / temperature
-    target = torch.arange(len(z1), device=z1.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-
-def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007), seeded; returns (k, D) centroids.
-
-    An empty cluster keeps its previous centroid. ``x`` is (N, D) with N >= k.
-    """
-    if x.dim() != 2 or len(x) < k:
-        raise ValueError(f"kmeans needs (N, D) points with N >= k={k}; got shape {tuple(x.shape)}. Use more samples.")
-    x = x.detach().to(torch.float64).cpu()
-    first = torch.randint(len(x), (1,), generator=generator)
-    centroids = [x[first[0]]]
-    d2 = ((x - centroids[0]) ** 2).sum(-1)
-    for _ in range(1, k):
-        if d2.sum() <= 0:  # fewer distinct points than k: fall back to uniform picks
-            i = torch.randint(len(x), (1,), generator=generator)[0]
-        else:
-            i = torch.multinomial(d2 / d2.sum(), 1, generator=generator)[0]
-        centroids.append(x[i])
-        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(-1))
-    c = torch.stack(centroids)
-    for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(-1)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        new_c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-        if torch.equal(new_c, c):
-            break
-        c = new_c
-    return c.float()
-
-
-# ----------------------------------------------------------------------------------------------- model
 
 
 @dataclass
@@ -195,7 +88,7 @@ class AssessorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AssessorConfig:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"_class_name", "_flow_lune_version"})
+        unknown = sorted(set(d) - known - {"_class_name"})
         if unknown:
             raise ValueError(f"Unknown assessor config keys {unknown}; this config was not written by AssessorConfig.")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -236,9 +129,6 @@ class BlockCompanion(nn.Module):
         logits = self.heads(F.silu(self.trunk_out(h_trunk)))
         z = F.normalize(self.embed_out(h_embed), dim=-1)
         return CompanionOutput(z, logits[:, : self.num_bins], logits[:, self.num_bins :])
-
-    def embedding(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.forward(pooled).embedding
 
     def pattern_labels(self, pooled: torch.Tensor) -> torch.Tensor:
         """Nearest centroid of the standardised features: the k-means pattern of each sample."""
@@ -290,10 +180,6 @@ class Assessor(nn.Module):
         self.check_features(pooled)
         return [block(self._to(f)) for block, f in zip(self.blocks, pooled)]
 
-    def embeddings(self, pooled: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        self.check_features(pooled)
-        return [block.embedding(self._to(f)) for block, f in zip(self.blocks, pooled)]
-
     @torch.no_grad()
     def pattern_labels(self, pooled: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.check_features(pooled)
@@ -338,8 +224,8 @@ class Assessor(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_file(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        cfg = {"_class_name": "Assessor", **self.config.to_dict()}
-        atomic_file(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+        config_json = {"_class_name": "Assessor", **self.config.to_dict()}
+        atomic_file(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config_json, indent=2) + "\n"))
         return folder
 
     @classmethod
@@ -371,193 +257,3 @@ class Assessor(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-# ----------------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class AssessorTrainingConfig:
-    """Loss settings of the assessor."""
-
-    temperature: float = 0.1  # InfoNCE temperature, CLIP/SimCLR range
-    view_sigma_jitter: float = 0.05  # the second view's sigma is sigma + jitter * N(0, 1): "nearby"
-    view_noise_mix: float = 0.5  # eps2 = sqrt(1 - m^2) eps1 + m xi: partly fresh noise, same x0
-    timestep_label_width: float = 2.0  # Gaussian soft targets over neighbouring bins (std, in bins); 0 = one-hot
-    timestep_weight: float = 1.0
-    pattern_weight: float = 1.0
-    contrastive_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if self.timestep_label_width < 0:
-            raise ValueError(f"timestep_label_width must be >= 0 bins, got {self.timestep_label_width}.")
-        if self.view_sigma_jitter < 0 or not 0 <= self.view_noise_mix <= 1:
-            raise ValueError(
-                f"need view_sigma_jitter >= 0 and view_noise_mix in [0, 1], got {self.view_sigma_jitter}, "
-                f"{self.view_noise_mix}."
-            )
-
-
-@dataclass
-class AssessorLoss:
-    """One training step's losses (scalars) and the timestep accuracy over both views."""
-
-    total: torch.Tensor
-    timestep: torch.Tensor
-    pattern: torch.Tensor
-    contrastive: torch.Tensor
-    timestep_accuracy: torch.Tensor
-
-
-@dataclass
-class Views:
-    """Two flow states of the same x0 (DESIGN.md section 1: ``x_sigma = (1 - sigma) x0 + sigma eps``)."""
-
-    x_sigma1: torch.Tensor
-    sigma1: torch.Tensor
-    x_sigma2: torch.Tensor
-    sigma2: torch.Tensor
-
-
-def make_views(
-    x0: torch.Tensor, sigma: torch.Tensor, cfg: AssessorTrainingConfig, generator: torch.Generator | None = None
-) -> Views:
-    """The contrastive pair: ``(x0, eps1, sigma)`` and ``(x0, sqrt(1-m^2) eps1 + m xi, clip(sigma + j n))``."""
-    from flow_lune.schedulers.flow import flow_state
-    from flow_lune.schedulers.sigma_sampling import SIGMA_MIN
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, device="cpu").to(device=x0.device, dtype=x0.dtype)
-
-    eps1 = randn(*x0.shape)
-    eps2 = math.sqrt(1 - cfg.view_noise_mix**2) * eps1 + cfg.view_noise_mix * randn(*x0.shape)
-    sigma = sigma.to(device=x0.device, dtype=torch.float32)
-    sigma2 = (sigma + cfg.view_sigma_jitter * randn(len(sigma)).float()).clamp(SIGMA_MIN, 1.0)
-    return Views(flow_state(x0, eps1, sigma), sigma, flow_state(x0, eps2, sigma2), sigma2)
-
-
-def assessor_loss(
-    assessor: Assessor,
-    pooled1: Sequence[torch.Tensor],
-    pooled2: Sequence[torch.Tensor],
-    sigma1: torch.Tensor,
-    sigma2: torch.Tensor,
-    cfg: AssessorTrainingConfig,
-    pattern_labels: torch.Tensor | None = None,
-    model: nn.Module | None = None,
-) -> AssessorLoss:
-    """Mean over blocks of ``w_t CE_t + w_p CE_p + w_c InfoNCE``, on the teacher features of two views.
-
-    Timestep targets are the sigma bins, softened over neighbours (``soft_bin_targets``); pattern targets are
-    the nearest k-means centroid of each view's features, or ``pattern_labels`` (B,) from the data when the
-    config says ``pattern_source="data"``. ``model`` is the module whose forward runs (the accelerate-wrapped
-    assessor under DDP); ``assessor`` its unwrapped self.
-    """
-    num_bins = assessor.config.num_bins
-    if len(pooled1[0]) < 2:
-        raise ValueError("The contrastive loss needs a batch of at least 2 samples; raise --train_batch_size.")
-    bins = torch.cat([sigma_to_bin(sigma1, num_bins), sigma_to_bin(sigma2, num_bins)])
-    feats = [torch.cat([a, b]) for a, b in zip(pooled1, pooled2)]
-    outs = (model if model is not None else assessor)(feats)
-    if pattern_labels is not None:
-        labels = [pattern_labels.repeat(2)] * assessor.config.num_blocks
-    elif assessor.config.pattern_source == "data":
-        raise ValueError("pattern_source is 'data' but the batch carries no pattern labels.")
-    else:
-        labels = assessor.pattern_labels(feats)
-    device = outs[0].timestep_logits.device
-    bins = bins.to(device)
-    targets = soft_bin_targets(bins, num_bins, cfg.timestep_label_width)
-    t_loss = torch.stack([F.cross_entropy(o.timestep_logits, targets) for o in outs]).mean()
-    p_loss = torch.stack([F.cross_entropy(o.pattern_logits, y.to(device)) for o, y in zip(outs, labels)]).mean()
-    b = len(pooled1[0])
-    c_loss = torch.stack([info_nce(o.embedding[:b], o.embedding[b:], cfg.temperature) for o in outs]).mean()
-    total = cfg.timestep_weight * t_loss + cfg.pattern_weight * p_loss + cfg.contrastive_weight * c_loss
-    acc = torch.stack([(o.timestep_logits.argmax(-1) == bins).float().mean() for o in outs]).mean()
-    return AssessorLoss(total, t_loss.detach(), p_loss.detach(), c_loss.detach(), acc.detach())
-
-
-@torch.no_grad()
-def initialise_from_features(assessor: Assessor, pooled: Sequence[torch.Tensor], seed: int) -> None:
-    """Set each companion's standardisation from teacher features (N, C_b) and, for k-means patterns, its centroids."""
-    assessor.check_features(pooled)
-    if len(pooled[0]) < max(2, assessor.config.num_patterns):
-        raise ValueError(
-            f"Need at least {max(2, assessor.config.num_patterns)} samples to set statistics and clusters, "
-            f"got {len(pooled[0])}; raise --cluster_samples."
-        )
-    generator = torch.Generator().manual_seed(seed)
-    for block, f in zip(assessor.blocks, pooled):
-        f = f.detach().float().to(block.feature_mean.device)
-        block.feature_mean.copy_(f.mean(0))
-        block.feature_std.copy_(f.std(0).clamp_min(1e-6))  # a constant channel must not divide by 0
-        if assessor.config.pattern_source == "kmeans":
-            c = kmeans(block.standardise(f), assessor.config.num_patterns, generator)
-            block.centroids.copy_(c.to(block.centroids.device))
-
-
-class TeacherBlockFeatures:
-    """Pooled block features of the eps teacher at flow states, from the trainer's own teacher call.
-
-    The forward is ``objective.teacher_velocity`` (``x_t = x_sigma / n(sigma)``, ``t = t(sigma)``, DESIGN.md
-    section 2) under the trainer's ``BlockFeatureHooks``, so the assessor sees the features the trainer gives it.
-    """
-
-    def __init__(self, unet: nn.Module, scheduler_config: dict):
-        from flow_lune.schedulers.teacher_bridge import TeacherSchedule
-
-        self.unet = unet
-        self.schedule = TeacherSchedule.from_scheduler_config(scheduler_config)
-
-    @torch.no_grad()
-    def __call__(self, x_sigma: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
-        from .block_features import BlockFeatureHooks
-        from .objective import teacher_velocity
-
-        with BlockFeatureHooks(self.unet, pooled=True) as hooks:
-            teacher_velocity(self.unet, x_sigma, sigma, prompt_embeds, self.schedule)
-            return [f.float() for f in hooks.features]
-
-
-# ----------------------------------------------------------------------------------------------- trainer side
-
-
-class AssessorBlockWeighting:
-    """The trainer's ``BlockWeighting`` backed by an assessor: ``lambda_b`` from ``fuse_block_weights``."""
-
-    def __init__(self, assessor: Assessor, base_weights: Sequence[float], fusion: FusionConfig | None = None):
-        from .weighting import check_base_weights
-
-        base = check_base_weights(base_weights)
-        if len(base) != assessor.config.num_blocks:
-            raise ValueError(
-                f"base_weights has {base.numel()} values; the assessor has {assessor.config.num_blocks} blocks."
-            )
-        self.assessor = assessor.eval().requires_grad_(False)
-        self.fusion = fusion if fusion is not None else FusionConfig()
-        if not isinstance(self.fusion, FusionConfig):
-            raise TypeError(f"fusion must be a FusionConfig, got {type(self.fusion).__name__}.")
-        self.base_weights = base.to(assessor.blocks[0].feature_mean.device)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        base_weights: Sequence[float],
-        fusion: FusionConfig | None = None,
-        device: torch.device | str | None = None,
-    ) -> AssessorBlockWeighting:
-        return cls(Assessor.from_pretrained(path, device=device), base_weights, fusion)
-
-    @torch.no_grad()
-    def __call__(
-        self, student_pooled: Sequence[torch.Tensor], teacher_pooled: Sequence[torch.Tensor], sigma: torch.Tensor
-    ):
-        from .weighting import BlockWeights
-
-        s = self.assessor.signals(student_pooled, teacher_pooled, sigma)
-        lam = fuse_block_weights(self.base_weights, s.e_t, s.e_p, s.coh, self.fusion)
-        device = sigma.device if isinstance(sigma, torch.Tensor) else lam.device  # as ConstantBlockWeighting
-        return BlockWeights(lam=lam.to(device), e_t=s.e_t.to(device), e_p=s.e_p.to(device), coh=s.coh.to(device))

@@ -24,11 +24,12 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -272,3 +273,30 @@ __all__ = [
     "open_cache",
     "tokenizer_digest",
 ]
+
+
+class ShardedRows:
+    """Row ``i`` of a tensor stored across safetensors shards, read lazily through memory maps.
+
+    File handles are opened on first use in each process and dropped when pickled, so the object
+    can be sent to DataLoader workers under any start method.
+    """
+
+    def __init__(self, name: str, shards: Sequence[tuple[Path, int]]):
+        self.name = name
+        self.files = [str(path) for path, _ in shards]
+        self.starts = np.cumsum([0] + [rows for _, rows in shards])
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        if s not in self._handles:
+            self._handles[s] = safe_open(self.files[s], framework="pt")
+        j = i - int(self.starts[s])
+        return self._handles[s].get_slice(self.name)[j : j + 1][0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}

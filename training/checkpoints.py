@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic ``checkpoint-N`` folders, diffusers-layout save/load hooks, random streams.
+"""Training checkpoints: atomic ``checkpoint-N`` folders, diffusers-layout save/load hooks, the epoch sampler.
 
 A checkpoint is written by ``accelerator.save_state`` into ``checkpoint-N.tmp`` and renamed to
 ``checkpoint-N`` only once every process has finished writing, so ``latest`` never names a partial one;
@@ -7,51 +7,28 @@ old checkpoints beyond ``--checkpoints_total_limit`` are deleted only after that
 The save hook writes the student in diffusers layout (``unet/``, loadable by
 ``UNet2DConditionModel.from_pretrained``; ``unet_lora/`` for LoRA) and the EMA weights (``unet_ema/``).
 
-Random streams are counter-based: the generator for (stream, epoch, batch) is seeded from a hash of
-``(seed, stream, process, epoch, batch)``. A resumed run draws exactly the numbers the uninterrupted run
-drew at the same batch, with nothing to store (and it holds for any number of processes).
+The epoch sampler's order is a function of ``(seed, epoch)`` (``seeds.stream_seed``), so with the trainer's
+counter-based random streams (``seeds.RandomStreams``) a resumed run continues at the exact batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .seeds import stream_seed
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-# ---------------------------------------------------------------- random streams
-
-
-def stream_seed(seed: int, stream: str, process_index: int, epoch: int, batch: int) -> int:
-    """A 63-bit seed from ``sha256("seed/stream/process/epoch/batch")``: independent streams, no state."""
-    digest = hashlib.sha256(f"{seed}/{stream}/{process_index}/{epoch}/{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class RandomStreams:
-    """The trainer's random numbers (sigma, noise, prompt dropout), a function of the batch position only."""
-
-    seed: int
-    process_index: int = 0
-
-    def generator(self, stream: str, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(
-            stream_seed(self.seed, stream, self.process_index, epoch, batch)
-        )
 
 
 # ---------------------------------------------------------------- folders
@@ -209,3 +186,31 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(stream_seed(self.seed, "data_order", 0, self.epoch, 0))
         yield from torch.randperm(self.num_samples, generator=generator).tolist()
+
+
+def resume_position(
+    accelerator: Any,
+    resume_from_checkpoint: str | None,
+    output_dir: str | os.PathLike,
+    num_update_steps_per_epoch: int,
+    gradient_accumulation_steps: int,
+) -> tuple[int, int, int]:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return ``(global_step, first_epoch,
+    batches to skip in that epoch)``; ``(0, 0, 0)`` for a new run. Refuses to resume below a later checkpoint."""
+    resume_path = resolve_resume(resume_from_checkpoint, output_dir)
+    if resume_from_checkpoint and resume_path is None:
+        logger.info("No checkpoint in %s to resume from; starting a new run.", output_dir)
+    if resume_path is None:
+        return 0, 0, 0
+    later = [p.name for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume_path)]
+    if later:
+        raise ValueError(
+            f"Resuming from {resume_path.name} would overwrite the later checkpoints {later}; move them away "
+            "or resume from 'latest'."
+        )
+    logger.info("Resuming from %s", resume_path)
+    accelerator.load_state(str(resume_path))
+    global_step = checkpoint_step(resume_path)
+    first_epoch = global_step // num_update_steps_per_epoch
+    resume_batches = (global_step % num_update_steps_per_epoch) * gradient_accumulation_steps
+    return global_step, first_epoch, resume_batches

@@ -1,4 +1,4 @@
-"""Command-line flags that the trainer and the assessor's trainer share, with their checks.
+"""What the trainer and the assessor's trainer share: command-line flags, their checks, and the run's start.
 
 Both scripts must read the same teacher, data and training sigmas (the assessor is trained on what
 the student will see), so the flags are defined once here.
@@ -7,7 +7,13 @@ the student will see), so the flags are defined once here.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+from typing import Any
+
+from flow_lune.flow import DENSITIES, SigmaSampler
+
+from .data_config import DataConfig
 
 
 def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,25 +40,42 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl.")
-    parser.add_argument("--image_column", type=str, default="image", help="Image column of the dataset.")
-    parser.add_argument("--caption_column", type=str, default="text", help="Caption column of the dataset.")
+    parser.add_argument(
+        "--image_column", type=str, default=DataConfig.image_column, help="Image column of the dataset."
+    )
+    parser.add_argument(
+        "--caption_column", type=str, default=DataConfig.caption_column, help="Caption column of the dataset."
+    )
     parser.add_argument(
         "--resolution", type=int, default=None, help="Image size; default the teacher's (sample_size * 8)."
     )
     parser.add_argument("--center_crop", action="store_true", help="Centre crop (default: seeded random crop).")
     parser.add_argument("--random_flip", action="store_true", help="Seeded horizontal flips, one view per image.")
     parser.add_argument("--latents_dataset", type=str, default=None, help="Dataset with latents and prompts.")
-    parser.add_argument("--latents_column", type=str, default="latents", help="Latents column of --latents_dataset.")
-    parser.add_argument("--prompt_column", type=str, default="prompt", help="Prompt column of --latents_dataset.")
+    parser.add_argument(
+        "--latents_column", type=str, default=DataConfig.latents_column, help="Latents column of --latents_dataset."
+    )
+    parser.add_argument(
+        "--prompt_column", type=str, default=DataConfig.prompt_column, help="Prompt column of --latents_dataset."
+    )
     parser.add_argument(
         "--prompts_file", type=str, default=None, help="One prompt per line; the teacher generates the latents."
     )
-    parser.add_argument("--num_generated", type=int, default=64, help="Latents the teacher generates.")
-    parser.add_argument("--generation_steps", type=int, default=25, help="Teacher sampling steps for generation.")
-    parser.add_argument("--generation_guidance", type=float, default=7.5, help="CFG scale for generation.")
+    parser.add_argument(
+        "--num_generated", type=int, default=DataConfig.num_generated, help="Latents the teacher generates."
+    )
+    parser.add_argument(
+        "--generation_steps",
+        type=int,
+        default=DataConfig.generation_steps,
+        help="Teacher sampling steps for generation.",
+    )
+    parser.add_argument(
+        "--generation_guidance", type=float, default=DataConfig.generation_guidance, help="CFG scale for generation."
+    )
     parser.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N rows.")
     parser.add_argument(
-        "--cache_dir", type=str, default="~/.cache/flow_lune", help="Latent/embedding caches and the tiny teacher."
+        "--cache_dir", type=str, default=DataConfig.cache_dir, help="Latent/embedding caches and the tiny teacher."
     )
     parser.add_argument(
         "--uncond_prob",
@@ -64,25 +87,33 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sigma_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training sigma density and shift of ``schedulers/sigma_sampling.py``."""
-    from flow_lune.schedulers import DENSITIES
-
+    """The training sigma density and shift of ``flow/sigmas.py``."""
     parser.add_argument(
-        "--weighting_scheme", type=str, default="uniform", choices=DENSITIES, help="Density of training sigmas."
+        "--weighting_scheme",
+        type=str,
+        default=SigmaSampler.density,
+        choices=DENSITIES,
+        help="Density of training sigmas.",
     )
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean (SD3's default).")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="logit_normal std (SD3's default).")
-    parser.add_argument("--mode_scale", type=float, default=1.29, help="mode density scale (SD3 paper's).")
     parser.add_argument(
-        "--shift", type=float, default=3.0, help="Time shift of training and sampling sigmas (> 1: toward noise)."
+        "--logit_mean", type=float, default=SigmaSampler.logit_mean, help="logit_normal mean (SD3's default)."
+    )
+    parser.add_argument(
+        "--logit_std", type=float, default=SigmaSampler.logit_std, help="logit_normal std (SD3's default)."
+    )
+    parser.add_argument(
+        "--mode_scale", type=float, default=SigmaSampler.mode_scale, help="mode density scale (SD3 paper's)."
+    )
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=SigmaSampler.shift,
+        help="Time shift of training and sampling sigmas (> 1: toward noise).",
     )
 
 
 def check_shared_arguments(args: argparse.Namespace) -> None:
     """One clear ValueError for bad teacher, data or sigma flags, before any work."""
-    from flow_lune.schedulers import SigmaSampler
-    from flow_lune.training.data import DataConfig
-
     if not 0.0 <= args.uncond_prob <= 1.0:
         raise ValueError(f"--uncond_prob must be in [0, 1], got {args.uncond_prob}.")
     SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)  # checks
@@ -96,3 +127,27 @@ def check_shared_arguments(args: argparse.Namespace) -> None:
     data_args = argparse.Namespace(**vars(args))
     data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
     DataConfig.from_args(data_args).check()
+
+
+def start_run(args: argparse.Namespace, gradient_accumulation_steps: int = 1) -> Any:
+    """The run's ``Accelerator`` (trackers from ``--report_to``, logs under ``--output_dir/--logging_dir``),
+    logging configured, ``set_seed(--seed)`` for anything outside the counter-based streams, the output folder
+    made on the main process."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.getLogger(__name__).info(accelerator.state)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return accelerator

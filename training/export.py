@@ -176,3 +176,18 @@ def merge_lora(unet: Any) -> Any:
     unet.fuse_lora()
     unet.unload_lora()
     return unet.to(torch.float32)
+
+
+SUMMARY_FLAGS = (
+    "learning_rate", "lr_scheduler", "train_batch_size", "gradient_accumulation_steps", "shift", "weighting_scheme",
+    "loss_weighting", "kd_weight", "block_penalty_weight", "assessor", "uncond_prob", "lora_rank", "use_ema",
+    "mixed_precision", "seed",
+)  # fmt: skip  # the flags the model card reports
+
+
+def final_student(accelerator: Any, student: Any, ema: Any | None = None, lora: bool = False) -> Any:
+    """The UNet to export: unwrapped, with the EMA weights copied in when there is an EMA, LoRA merged."""
+    unet = accelerator.unwrap_model(student)
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    return merge_lora(unet) if lora else unet

@@ -61,24 +61,24 @@ def _check_signal(name: str, x: torch.Tensor, shape: torch.Size) -> None:
 
 @torch.no_grad()
 def fuse_block_weights(
-    w: torch.Tensor, e_t: torch.Tensor, e_p: torch.Tensor, coh: torch.Tensor, cfg: FusionConfig
+    w: torch.Tensor, e_t: torch.Tensor, e_p: torch.Tensor, coh: torch.Tensor, fusion: FusionConfig
 ) -> torch.Tensor:
     """``lambda_b = clip(w_b (1 + alpha e_t + beta e_p + delta (1 - coh)), lam_min, lam_max)``, no grad.
 
     Args:
         w: (num_blocks,) base weights ``w_b``.
         e_t, e_p, coh: (num_blocks,) signals in [0, 1].
-        cfg: the coefficients and bounds.
+        fusion: the coefficients and bounds.
 
     Returns:
         (num_blocks,) ``lambda_b``, detached, in ``w``'s dtype and device.
     """
-    if not isinstance(cfg, FusionConfig):
-        raise TypeError(f"cfg must be a FusionConfig, got {type(cfg).__name__}.")
+    if not isinstance(fusion, FusionConfig):
+        raise TypeError(f"fusion must be a FusionConfig, got {type(fusion).__name__}.")
     if not isinstance(w, torch.Tensor) or w.dim() != 1:
         raise ValueError(f"w must be a 1-D tensor of base block weights, got {w!r}.")
     for name, x in (("e_t", e_t), ("e_p", e_p), ("coh", coh)):
         _check_signal(name, x, w.shape)
     e_t, e_p, coh = (x.to(device=w.device, dtype=w.dtype) for x in (e_t, e_p, coh))
-    lam = w * (1 + cfg.alpha * e_t + cfg.beta * e_p + cfg.delta * (1 - coh))
-    return lam.clamp(cfg.lam_min, cfg.lam_max).detach()
+    lam = w * (1 + fusion.alpha * e_t + fusion.beta * e_p + fusion.delta * (1 - coh))
+    return lam.clamp(fusion.lam_min, fusion.lam_max).detach()

@@ -31,15 +31,26 @@ TINY_TEACHER_NAME = "tiny-sd15-teacher"  # the embedded default teacher's folder
 
 @dataclass
 class TeacherComponents:
-    """The teacher pipeline's parts, frozen; ``unet`` is the epsilon model, ``scheduler_config`` its DDPM table."""
+    """The teacher pipeline's parts, frozen; ``unet`` is the epsilon model, ``scheduler_config`` its DDPM table.
+
+    It has what ``FlowLunePipeline.from_teacher`` reads from a Stable Diffusion pipeline, so the data caches'
+    generation and the trainer's validation sample the teacher through it directly.
+    """
 
     unet: Any  # UNet2DConditionModel
     vae: Any  # AutoencoderKL
     text_encoder: Any  # CLIPTextModel
     tokenizer: Any  # CLIPTokenizer
-    scheduler_config: dict
-    scheduler: Any  # the teacher's own scheduler (for its StableDiffusionPipeline in validation)
-    source: str  # what was loaded (path or Hub id), for logs and the model card
+    scheduler_config: dict  # as the teacher's scheduler_config.json holds it (part of the data cache keys)
+    scheduler: Any = None  # the teacher's own scheduler; None: built from scheduler_config
+    source: str = ""  # what was loaded (path or Hub id), for logs and the model card
+
+    def __post_init__(self) -> None:
+        if self.scheduler is None:
+            import diffusers
+
+            name = str(self.scheduler_config.get("_class_name"))
+            self.scheduler = getattr(diffusers, name, diffusers.DDPMScheduler).from_config(self.scheduler_config)
 
 
 def check_sd15_unet(unet: Any, what: str = "teacher") -> None:
@@ -48,15 +59,15 @@ def check_sd15_unet(unet: Any, what: str = "teacher") -> None:
 
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(f"The {what} UNet is a {type(unet).__name__}; Flow Lune needs a UNet2DConditionModel.")
-    cfg = unet.config
+    unet_config = unet.config
     problems = []
-    if tuple(cfg.down_block_types) != SD1_DOWN_TYPES:
-        problems.append(f"down_block_types={list(cfg.down_block_types)}")
-    if tuple(cfg.up_block_types) != SD1_UP_TYPES:
-        problems.append(f"up_block_types={list(cfg.up_block_types)}")
-    if cfg.in_channels != 4 or cfg.out_channels != 4:
-        problems.append(f"in/out channels {cfg.in_channels}/{cfg.out_channels}")
-    if cfg.get("addition_embed_type") is not None or cfg.get("class_embed_type") is not None:
+    if tuple(unet_config.down_block_types) != SD1_DOWN_TYPES:
+        problems.append(f"down_block_types={list(unet_config.down_block_types)}")
+    if tuple(unet_config.up_block_types) != SD1_UP_TYPES:
+        problems.append(f"up_block_types={list(unet_config.up_block_types)}")
+    if unet_config.in_channels != 4 or unet_config.out_channels != 4:
+        problems.append(f"in/out channels {unet_config.in_channels}/{unet_config.out_channels}")
+    if unet_config.get("addition_embed_type") is not None or unet_config.get("class_embed_type") is not None:
         problems.append("extra conditioning (addition_embed_type/class_embed_type, e.g. SDXL)")
     if problems:
         raise ValueError(
@@ -161,7 +172,7 @@ def load_teacher(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from flow_lune.schedulers import TeacherSchedule
+    from flow_lune.flow import TeacherSchedule
 
     source = pretrained
     path = Path(pretrained).expanduser()
@@ -180,11 +191,7 @@ def load_teacher(
     tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
-    import diffusers
-
-    scheduler_cls = getattr(diffusers, str(scheduler_config.get("_class_name")), DDPMScheduler)
-    scheduler = scheduler_cls.from_config(scheduler_config)
-    return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, scheduler, source)
+    return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, source=source)
 
 
 TINY_TEACHER_ID = "flow_lune.tiny(seed=0)"  # the embedded default's identity in the data cache keys
@@ -245,3 +252,35 @@ def build_student(teacher_unet: torch.nn.Module, student_model: str | None = Non
                 f"{student.config.cross_attention_dim} vs {teacher_unet.config.cross_attention_dim})."
             )
     return student.to(torch.float32).requires_grad_(True).train()
+
+
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")  # diffusers'
+
+
+def prepare_student(
+    student: torch.nn.Module,
+    device: torch.device | str,
+    weight_dtype: torch.dtype = torch.float32,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """The student ready to train on ``device``: full fine-tuning in fp32, or a peft LoRA of ``lora_rank``
+    (alpha defaults to the rank; Gaussian init; fp32 adapter over a ``weight_dtype`` frozen base)."""
+    if lora_rank is not None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        student.requires_grad_(False).to(dtype=weight_dtype)
+        student.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha or lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(LORA_TARGETS),
+            )
+        )
+        cast_training_params(student, dtype=torch.float32)
+    if gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student.to(device).train()

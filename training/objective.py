@@ -2,14 +2,14 @@
 
 For real latents x0, noise eps and sigma from the training sampler:
 
-    x_sigma = (1 - sigma) x0 + sigma eps                          (flow state, schedulers.flow_state)
-    v*      = velocity_from_eps(x_sigma, sigma, teacher(teacher_query(x_sigma, sigma)))   (one teacher forward)
-    v       = student(x_sigma, 1000 sigma, c)                     (input unscaled, float timestep)
+    x_sigma = (1 - sigma) x0 + sigma eps                          (flow state, flow.flow_state)
+    v*      = EpsilonToFlowUNet.velocity(x_sigma, sigma, c)       (one teacher forward, flow.bridge)
+    v       = student(x_sigma, flow_timestep(sigma), c)           (input unscaled, float timestep)
     L_flow  = mean_i  w(sigma_i) * mean_pixels (v_i - v*_i)^2
     KD_b    = mean_i  (1 - cos(f^S_{b,i}, f^T_{b,i}))             (pooled block features, same forwards)
     L       = L_flow + kd_weight sum_b w_b KD_b + block_penalty_weight sum_b lambda_b KD_b
 
-``lambda_b`` comes from a ``BlockWeighting`` and carries no gradient. The target is the teacher's
+``lambda_b`` comes from a ``BlockPenalty`` and carries no gradient. The target is the teacher's
 velocity v*, never DDPM's v-prediction ``a_t eps - s_t x0`` (the earlier work's fault).
 """
 
@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flow_lune.schedulers import TeacherSchedule, flow_state, loss_weighting, teacher_query, velocity_from_eps
+from flow_lune.flow import EpsilonToFlowUNet, flow_state, flow_timestep, loss_weight
 
 from .block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
-from .weighting import BlockWeighting, BlockWeights
-
-FLOW_TIMESTEPS = 1000  # the student's timestep is 1000 * sigma, as FlowLuneScheduler(num_train_timesteps=1000)
+from .block_penalty import BlockPenalty, BlockWeights
 
 
 @dataclass
@@ -40,11 +38,6 @@ class ObjectiveConfig:
     base_weights: Sequence[float] = BASE_BLOCK_WEIGHTS  # w_b
 
 
-def student_timestep(sigma: torch.Tensor) -> torch.Tensor:
-    """The student's float timestep ``t = 1000 * sigma``."""
-    return sigma * FLOW_TIMESTEPS
-
-
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mse_i = mean over all but the batch dim of (pred_i - target_i)^2``, in float32: (B,)."""
     diff = pred.float() - target.float()
@@ -54,8 +47,8 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def flow_matching_loss(
     v_pred: torch.Tensor, v_target: torch.Tensor, sigma: torch.Tensor, scheme: str = "none"
 ) -> torch.Tensor:
-    """``L_flow = mean_i w(sigma_i) * mse_i`` with ``w`` from ``schedulers.loss_weighting(scheme, sigma)``."""
-    weight = loss_weighting(scheme, sigma.float()).reshape(-1)
+    """``L_flow = mean_i w(sigma_i) * mse_i`` with ``w`` from ``flow.loss_weight(scheme, sigma)``."""
+    weight = loss_weight(scheme, sigma.float()).reshape(-1)
     return (weight * per_sample_mse(v_pred, v_target)).mean()
 
 
@@ -85,26 +78,8 @@ def total_loss(
     return flow_loss + kd_weight * (base_weights * kd).sum() + block_penalty_weight * (lam * kd).sum()
 
 
-@torch.no_grad()
-def teacher_velocity(
-    teacher: nn.Module,
-    x_sigma: torch.Tensor,
-    sigma: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    schedule: TeacherSchedule,
-) -> torch.Tensor:
-    """Teacher-consistent velocity ``v*`` from ONE teacher forward at ``teacher_query(x_sigma, sigma)``.
-
-    The teacher runs in its own dtype (the mixed-precision dtype); ``v*`` is formed in float32.
-    """
-    query = teacher_query(x_sigma.float(), sigma.float(), schedule)
-    dtype = next(teacher.parameters()).dtype
-    eps_hat = teacher(query.x_t.to(dtype), query.t, encoder_hidden_states.to(dtype), return_dict=False)[0]
-    return velocity_from_eps(x_sigma.float(), sigma.float(), eps_hat.float(), schedule)
-
-
 @dataclass
-class DistillationLoss:
+class DistillationOutput:
     """The loss of one batch and its parts, for logging."""
 
     loss: torch.Tensor  # scalar, differentiable
@@ -117,30 +92,34 @@ class DistillationLoss:
 
 def distillation_loss(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: EpsilonToFlowUNet,
     student_hooks: BlockFeatureHooks,
     teacher_hooks: BlockFeatureHooks,
     x0: torch.Tensor,
     eps: torch.Tensor,
     sigma: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    schedule: TeacherSchedule,
-    weighting: BlockWeighting,
+    block_penalty: BlockPenalty,
     config: ObjectiveConfig,
-) -> DistillationLoss:
+) -> DistillationOutput:
     """One batch of the objective above. ``student`` may be the accelerate-wrapped model; the hooks sit on the
-    unwrapped student and on the teacher and capture the features of these same two forwards."""
-    x_sigma = flow_state(x0.float(), eps.float(), sigma.float().reshape(-1))
-    v_target = teacher_velocity(teacher, x_sigma, sigma, encoder_hidden_states, schedule)
+    unwrapped student and on the teacher's UNet and capture the features of these same two forwards. The teacher
+    runs in its own dtype (the mixed-precision dtype); ``v*`` is formed in float32."""
+    sigma = sigma.float()
+    x_sigma = flow_state(x0.float(), eps.float(), sigma.reshape(-1))
+    with torch.no_grad():
+        v_target = teacher.velocity(x_sigma, sigma, encoder_hidden_states)
     teacher_pooled = teacher_hooks.features
-    v_pred = student(x_sigma, student_timestep(sigma.float()), encoder_hidden_states, return_dict=False)[0]
+    v_pred = student(x_sigma, flow_timestep(sigma), encoder_hidden_states, return_dict=False)[0]
     student_pooled = student_hooks.features
     flow = flow_matching_loss(v_pred, v_target, sigma, config.loss_weighting)
     kd = block_kd(student_pooled, teacher_pooled)
     with torch.no_grad():
-        weights = weighting([s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma)
+        weights = block_penalty(
+            [s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma
+        )
     base = torch.as_tensor(list(config.base_weights), dtype=torch.float32)
     loss = total_loss(flow, kd, base, weights.lam, config.kd_weight, config.block_penalty_weight)
     student_hooks.clear()
     teacher_hooks.clear()
-    return DistillationLoss(loss=loss, flow_loss=flow, kd=kd, block_weights=weights, v_pred=v_pred, v_target=v_target)
+    return DistillationOutput(loss=loss, flow_loss=flow, kd=kd, block_weights=weights, v_pred=v_pred, v_target=v_target)

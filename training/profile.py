@@ -11,7 +11,7 @@ The adaptive sampler aggregates over blocks (mean): accuracy_k (reliability), di
 (a bin the assessor reads badly is harder and drawn more, up to twice as often), jitter scale_k = pattern
 entropy_k (ambiguous bins are sampled more widely when ``adaptive_jitter > 0``).
 
-Written as ``profile.json`` and ``profile.png`` (heat maps, blocks x bins, PIL only).
+Written as ``profile.json`` and ``profile.png`` (heat maps, blocks x bins, ``plots.plot_profile``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,16 @@ from pathlib import Path
 import torch
 
 from flow_lune.atomic import atomic_file
+from flow_lune.flow import ADAPTIVE_JITTER, BASE_JITTER, RELIABILITY_THRESHOLD, sigma_to_bin
 
-from .assessor import PROFILE_IMAGE_NAME, PROFILE_NAME, Assessor, pattern_entropy, sigma_to_bin
+from .assessor import PROFILE_IMAGE_NAME, PROFILE_NAME, Assessor
+from .assessor_formulas import pattern_entropy, timestep_error
+from .plots import plot_profile
 
 __all__ = [
     "AssessorProfile",
     "ProfileAccumulator",
     "stratified_sigmas",
-    "profile_heatmap",
     "save_profile",
     "load_profile",
     "adaptive_sampler_from_profile",
@@ -92,7 +94,7 @@ def stratified_sigmas(num_samples: int, num_bins: int, generator: torch.Generato
 
     Every bin gets ``num_samples // num_bins`` or one more samples. Clipped to [SIGMA_MIN, 1].
     """
-    from flow_lune.schedulers.sigma_sampling import SIGMA_MIN
+    from flow_lune.flow import SIGMA_MIN
 
     if num_samples < num_bins:
         raise ValueError(f"Profiling needs at least one sample per bin: num_samples={num_samples} < {num_bins} bins.")
@@ -114,8 +116,6 @@ class ProfileAccumulator:
 
     @torch.no_grad()
     def update(self, pooled: list[torch.Tensor], sigma: torch.Tensor) -> None:
-        from .assessor import timestep_error
-
         nk = self.assessor.config.num_bins
         bins = sigma_to_bin(sigma.flatten(), nk).cpu()
         self.count += torch.bincount(bins, minlength=nk).double()
@@ -137,55 +137,6 @@ class ProfileAccumulator:
         )
 
 
-# Viridis anchors (matplotlib's colormap at 0, 0.25, 0.5, 0.75, 1), interpolated linearly.
-_VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
-
-
-def _colour(v: float) -> tuple[int, int, int]:
-    v = min(max(v, 0.0), 1.0) * (len(_VIRIDIS) - 1)
-    i = min(int(v), len(_VIRIDIS) - 2)
-    f = v - i
-    return tuple(round(a + f * (b - a)) for a, b in zip(_VIRIDIS[i], _VIRIDIS[i + 1]))
-
-
-def profile_heatmap(profile: AssessorProfile, cell_w: int = 6, cell_h: int = 14):
-    """A PIL image: three heat maps (timestep accuracy, timestep error e_t, pattern entropy e_p), blocks x bins.
-
-    Rows are the blocks (top: down_blocks.0), columns the sigma bins (left: sigma = 0, clean); colour scale
-    viridis over [0, 1] (dark = 0, yellow = 1), shown in the bar at the bottom.
-    """
-    from PIL import Image, ImageDraw
-
-    panels = (
-        ("timestep accuracy", "timestep_accuracy"),
-        ("timestep error e_t", "timestep_error"),
-        ("pattern entropy e_p", "pattern_entropy"),
-    )
-    label_w, title_h, gap = 100, 16, 10
-    nb, nk = len(profile.block_names), profile.num_bins
-    panel_h = title_h + nb * cell_h
-    width = label_w + nk * cell_w + 10
-    height = len(panels) * (panel_h + gap) + 40
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    y0 = 0
-    for title, name in panels:
-        draw.text((label_w, y0 + 2), f"{title}  (x: sigma bin 0..1, y: block)", fill="black")
-        table = profile.table(name)
-        for b in range(nb):
-            y = y0 + title_h + b * cell_h
-            draw.text((2, y + 1), profile.block_names[b], fill="black")
-            for k in range(nk):
-                x = label_w + k * cell_w
-                draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=_colour(float(table[b, k])))
-        y0 += panel_h + gap
-    for k in range(nk * cell_w):  # colour bar 0..1
-        draw.line([label_w + k, y0 + 4, label_w + k, y0 + 14], fill=_colour(k / (nk * cell_w - 1)))
-    draw.text((label_w, y0 + 18), "0", fill="black")
-    draw.text((label_w + nk * cell_w - 8, y0 + 18), "1", fill="black")
-    return img
-
-
 def save_profile(profile: AssessorProfile, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``profile.json`` and ``profile.png`` atomically into ``folder``."""
     folder = Path(folder)
@@ -195,8 +146,15 @@ def save_profile(profile: AssessorProfile, folder: str | os.PathLike, overwrite:
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(profile.to_dict()) + "\n"
     atomic_file(folder / PROFILE_NAME, lambda p: Path(p).write_text(text))
-    image = profile_heatmap(profile)
-    atomic_file(folder / PROFILE_IMAGE_NAME, lambda p: image.save(p, format="PNG"))
+    plot_profile(
+        profile.block_names,
+        [
+            ("timestep accuracy", profile.timestep_accuracy),
+            ("timestep error e_t", profile.timestep_error),
+            ("pattern entropy e_p", profile.pattern_entropy),
+        ],
+        folder / PROFILE_IMAGE_NAME,
+    )
     return folder / PROFILE_NAME
 
 
@@ -213,15 +171,15 @@ def load_profile(path: str | os.PathLike) -> AssessorProfile:
 def adaptive_sampler_from_profile(
     profile_path: str | os.PathLike,
     base=None,
-    reliability_threshold: float = 0.15,
-    base_jitter: float = 1.0,
-    adaptive_jitter: float = 0.0,
+    reliability_threshold: float = RELIABILITY_THRESHOLD,
+    base_jitter: float = BASE_JITTER,
+    adaptive_jitter: float = ADAPTIVE_JITTER,
 ):
     """``AdaptiveSigmaSampler(difficulty=1 + mean_b e_t, accuracy=mean_b accuracy, jitter_scale=mean_b e_p)``.
 
     Bins whose block-mean timestep accuracy is below ``reliability_threshold`` keep weight 1 (no opinion).
     """
-    from flow_lune.schedulers.sigma_sampling import AdaptiveSigmaSampler, SigmaSampler
+    from flow_lune.flow import AdaptiveSigmaSampler, SigmaSampler
 
     if not 0 <= reliability_threshold <= 1:
         raise ValueError(f"reliability_threshold must lie in [0, 1], got {reliability_threshold}.")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flow import expand_sigma
+from .convention import FLOW_TIMESTEPS, expand_sigma, sigma_from_flow_timestep
 
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
 
@@ -173,27 +173,25 @@ def velocity_from_eps(
     return torch.where(above, v_above, v_in)
 
 
-def guided_velocity(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: ``v_uncond + w * (v_cond - v_uncond)``.
-
-    ``v*`` is affine in ``eps_hat`` with coefficients summing to 1, so this equals guidance in eps space.
-    """
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-
 class EpsilonToFlowUNet(nn.Module):
-    """An epsilon-prediction ``UNet2DConditionModel`` seen as a flow model.
+    """An epsilon-prediction ``UNet2DConditionModel`` seen as a flow model: the one teacher query of Flow Lune.
 
-    Called like a UNet with ``(x_sigma, timestep = 1000 * sigma, encoder_hidden_states, ...)``,
-    it returns the teacher-consistent velocity ``v*`` in ``.sample``, in ``x_sigma``'s dtype (as k-diffusion's
-    ``external.py`` wraps a discrete eps model as a continuous denoiser).
+    ``velocity(x_sigma, sigma, c)`` forms the teacher's input and timestep (``teacher_query``), runs the
+    teacher once in its own dtype and returns the teacher-consistent velocity ``v*`` (``velocity_from_eps``)
+    in ``x_sigma``'s dtype. ``t(sigma)`` is computed at sigma's precision: pass float64 sigmas to query the
+    teacher at exact timesteps. Called like a UNet with ``(x_sigma, timestep = flow_timestep(sigma), c)`` it
+    does the same with ``sigma = sigma_from_flow_timestep(timestep)`` in float64 and returns ``v*`` in
+    ``.sample`` (as k-diffusion's ``external.py`` wraps a discrete eps model as a continuous denoiser), so
+    pipelines sample it like a student. Training targets, latent generation and validation all query here.
     """
 
-    def __init__(self, unet: nn.Module, scheduler_config: Mapping[str, Any] | None, flow_timesteps: int = 1000):
+    def __init__(
+        self, unet: nn.Module, scheduler_config: Mapping[str, Any] | None, flow_timesteps: int = FLOW_TIMESTEPS
+    ):
         super().__init__()
         self.unet = unet
         self.schedule = TeacherSchedule.from_scheduler_config(scheduler_config)
-        self.flow_timesteps = flow_timesteps  # the flow model's timestep is sigma * flow_timesteps
+        self.flow_timesteps = flow_timesteps  # the flow model's timestep is flow_timestep(sigma, flow_timesteps)
 
     @property
     def config(self):
@@ -207,6 +205,26 @@ class EpsilonToFlowUNet(nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
+    def velocity(
+        self,
+        x_sigma: torch.Tensor,
+        sigma: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``v*`` at flow states ``x_sigma`` (B, ...) and per-sample or scalar ``sigma``, from ONE teacher forward."""
+        if not isinstance(sigma, torch.Tensor):
+            sigma = torch.tensor(sigma, dtype=torch.float64)  # a Python number keeps its full precision
+        sigma = sigma.to(x_sigma.device)
+        sigma = (sigma if sigma.is_floating_point() else sigma.double()).expand(x_sigma.shape[0])
+        query = teacher_query(x_sigma, sigma, self.schedule)
+        dtype = self.unet.dtype  # a float32 state may drive a half-precision teacher
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(dtype)
+        eps_hat = self.unet(query.x_t.to(dtype), query.t, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+        return velocity_from_eps(x_sigma, sigma, eps_hat.to(x_sigma.dtype), self.schedule)
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -218,12 +236,9 @@ class EpsilonToFlowUNet(nn.Module):
     ):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        sigma = (timestep.to(torch.float64) / self.flow_timesteps).expand(sample.shape[0])  # float64 for t(sigma)
-        query = teacher_query(sample, sigma, self.schedule)
-        x_t = query.x_t.to(self.unet.dtype)  # a float32 state may drive a half-precision teacher
-        eps_hat = self.unet(x_t, query.t, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
-        v = velocity_from_eps(sample, sigma, eps_hat.to(sample.dtype), self.schedule)
+        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float64)  # float64 for t(sigma)
+        sigma = sigma_from_flow_timestep(timestep, self.flow_timesteps)
+        v = self.velocity(sample, sigma, encoder_hidden_states, *args, **kwargs)
         if not return_dict:
             return (v,)
         return UNet2DConditionOutput(sample=v)

@@ -1,4 +1,4 @@
-"""Training sigma sampling and loss weighting (DESIGN.md section 4).
+"""Training sigma densities, the shift, and the adaptive per-bin sampler (DESIGN.md section 4).
 
 A draw is ``u`` from a density on [0, 1], then the shift ``sigma = s*u / (1 + (s-1)*u)`` computed
 continuously, then a clip to [SIGMA_MIN, 1]. The adaptive sampler instead draws one of
@@ -12,13 +12,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from .flow import shift_sigma
+from .convention import shift_sigma
 
 SIGMA_MIN = 1e-3  # below this the student's target is numerically the teacher's x0 error only
 DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
-LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+RELIABILITY_THRESHOLD = 0.15  # bins the assessor reads less accurately than this give no opinion (DESIGN.md 4)
+BASE_JITTER = 1.0  # jitter width in bin widths: uniform over the drawn bin
+ADAPTIVE_JITTER = 0.0  # pattern entropy does not widen the jitter unless asked
 
 
 def cosmap_density(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,19 +77,12 @@ class SigmaSampler:
         return shift_sigma(u.float(), self.shift).clamp(SIGMA_MIN, 1.0)
 
 
-def loss_weighting(scheme: str, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss weight: none = 1, sigma_sqrt = ``sigma^-2``, cosmap = ``2 / (pi (1 - 2 sigma + 2 sigma^2))``.
+def sigma_to_bin(sigma: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Bin of ``sigma`` among ``num_bins`` equal bins over [0, 1]: ``min(floor(sigma * num_bins), num_bins - 1)``.
 
-    The names and formulas are diffusers' ``compute_loss_weighting_for_sd3``.
+    sigma = 1 falls in the last bin. The adaptive sampler, the assessor's timestep head and its profile share it.
     """
-    if scheme not in LOSS_WEIGHTINGS:
-        raise ValueError(f"Unknown loss weighting {scheme!r}; choose one of {LOSS_WEIGHTINGS}.")
-    return compute_loss_weighting_for_sd3(scheme, sigma)
-
-
-def bin_edges(num_bins: int) -> torch.Tensor:
-    """Edges of ``num_bins`` equal sigma bins over [0, 1]."""
-    return torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)
+    return (torch.as_tensor(sigma).detach().to(torch.float64) * num_bins).floor().long().clamp(0, num_bins - 1)
 
 
 class AdaptiveSigmaSampler:
@@ -102,7 +97,7 @@ class AdaptiveSigmaSampler:
         difficulty: (num_bins,) positive weights, e.g. ``1 + e_t`` per bin from the profile.
         accuracy: (num_bins,) the assessor's timestep accuracy per bin, in [0, 1].
         base: the sampler whose bin masses are reweighted (estimated once from a fixed-seed draw).
-        reliability_threshold: bins with accuracy below this keep weight 1 (0.15, DESIGN.md section 4).
+        reliability_threshold: bins with accuracy below this keep weight 1 (``RELIABILITY_THRESHOLD``).
         base_jitter: jitter width in units of a bin width (1 = uniform over the bin).
         adaptive_jitter: how much ``jitter_scale`` (e.g. the bin's pattern entropy in [0, 1]) widens it.
         jitter_scale: (num_bins,) per-bin jitter scale; zeros when not given.
@@ -113,9 +108,9 @@ class AdaptiveSigmaSampler:
         difficulty: torch.Tensor,
         accuracy: torch.Tensor,
         base: SigmaSampler | None = None,
-        reliability_threshold: float = 0.15,
-        base_jitter: float = 1.0,
-        adaptive_jitter: float = 0.0,
+        reliability_threshold: float = RELIABILITY_THRESHOLD,
+        base_jitter: float = BASE_JITTER,
+        adaptive_jitter: float = ADAPTIVE_JITTER,
         jitter_scale: torch.Tensor | None = None,
         base_mass_samples: int = 200_000,
     ):
@@ -144,7 +139,7 @@ class AdaptiveSigmaSampler:
     def _base_mass(self, n: int) -> torch.Tensor:
         """Probability of each bin under the base sampler, from a fixed-seed draw of ``n`` sigmas."""
         draws = self.base.sample(n, torch.Generator().manual_seed(0)).to(torch.float64)
-        idx = (draws * self.num_bins).long().clamp(0, self.num_bins - 1)
+        idx = sigma_to_bin(draws, self.num_bins)
         counts = torch.bincount(idx, minlength=self.num_bins).to(torch.float64)
         return (counts + 1) / (counts.sum() + self.num_bins)  # +1: no bin is unreachable
 

@@ -3,10 +3,12 @@
     x_sigma = (1 - sigma) * x0 + sigma * eps,   sigma in [0, 1], sigma = 1 is pure noise
     v       = eps - x0                          (what the student predicts)
     x      <- x + (sigma_next - sigma) * v      (an Euler step)
+    v      = v_u + w (v_c - v_u)                (classifier-free guidance)
+    t       = 1000 * sigma                      (the flow model's timestep)
 
 This is the convention of diffusers' ``FlowMatchEulerDiscreteScheduler`` and of ComfyUI's
 ``ModelSamplingSD3`` (CONST: denoised = x - sigma * v). The model is fed ``x_sigma`` unscaled
-with timestep ``1000 * sigma``.
+with timestep ``flow_timestep(sigma)``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ from __future__ import annotations
 import torch
 
 Tensorish = torch.Tensor | float
+
+FLOW_TIMESTEPS = 1000  # the flow model's timestep scale, FlowMatchEulerDiscreteScheduler's num_train_timesteps
+
+
+def flow_timestep(sigma: Tensorish, num_train_timesteps: int = FLOW_TIMESTEPS) -> Tensorish:
+    """The flow model's float timestep ``t = num_train_timesteps * sigma`` (``1000 * sigma``), in sigma's dtype."""
+    return sigma * num_train_timesteps
+
+
+def sigma_from_flow_timestep(timestep: Tensorish, num_train_timesteps: int = FLOW_TIMESTEPS) -> Tensorish:
+    """The inverse of :func:`flow_timestep`: ``sigma = t / num_train_timesteps``, in t's dtype."""
+    return timestep / num_train_timesteps
 
 
 def shift_sigma(sigma: Tensorish, shift: float) -> Tensorish:
@@ -40,11 +54,14 @@ def flow_state(x0: torch.Tensor, eps: torch.Tensor, sigma: Tensorish) -> torch.T
     return (1 - sigma) * x0 + sigma * eps
 
 
-def flow_velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The velocity of the straight path, ``v = d x_sigma / d sigma = eps - x0``."""
-    return eps - x0
-
-
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: Tensorish, sigma_next: Tensorish) -> torch.Tensor:
     """One Euler step of the flow ODE: ``x <- x + (sigma_next - sigma) * v``."""
     return x + (expand_sigma(sigma_next, x) - expand_sigma(sigma, x)) * v
+
+
+def guided_velocity(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on velocities: ``v_uncond + w * (v_cond - v_uncond)``.
+
+    The teacher's ``v*`` is affine in ``eps_hat`` with coefficients summing to 1, so this equals guidance in eps space.
+    """
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
