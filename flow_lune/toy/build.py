@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flow_lune.atomic import atomic_folder, atomic_text
 
@@ -96,7 +95,7 @@ class BuildConfig:
     check_guidance: tuple[float, ...] = (2.0, 3.0)
     threads: int = 1  # DESIGN: one torch thread often faster under contention on 2 cores
 
-    def quick(self) -> "BuildConfig":
+    def quick(self) -> BuildConfig:
         """A few steps per stage: for smoke tests of the whole build."""
         return replace(
             self, train_images=96, heldout_images=48, judge_steps=5, vae_steps=5, vae_batch=8,
@@ -153,7 +152,10 @@ def train_vae(data: ToyArrays, cfg: BuildConfig):
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0:
-            print(f"  vae step {step + 1}/{cfg.vae_steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"  vae step {step + 1}/{cfg.vae_steps} loss {loss.item():.5f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     return vae.eval()
 
 
@@ -172,11 +174,14 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tenso
 def vae_check(vae, judge, heldout: ToyArrays) -> dict[str, float]:
     """PSNR of held-out reconstructions and the judge's per-attribute accuracy on them."""
     mean, _ = encode_all(vae, heldout.images)
-    rec = ((vae.decode(mean).sample.clamp(-1, 1) + 1) / 2)
+    rec = (vae.decode(mean).sample.clamp(-1, 1) + 1) / 2
     x = heldout.images.float() / 255.0
     psnr = (10 * torch.log10(1.0 / ((rec - x) ** 2).mean(dim=(1, 2, 3)))).mean().item()
     acc = (judge.predict(rec) == heldout.labels).float().mean(0)
-    return {"psnr_db": round(psnr, 2), **{f"judge_{k}": round(a.item(), 4) for k, a in zip(("shape", "colour", "position"), acc)}}
+    return {
+        "psnr_db": round(psnr, 2),
+        **{f"judge_{k}": round(a.item(), 4) for k, a in zip(("shape", "colour", "position"), acc)},
+    }
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -212,7 +217,9 @@ def train_teacher(latent_mean, latent_std, scaling_factor: float, captions, toke
         m.requires_grad_(False)
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2, fused=True)
-    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     # The toy captions are short: run the text encoder on the used prefix only (causal mask: same outputs).
     used = int((ids != tokenizer.pad_token_id).sum(1).max().item()) + 1
@@ -241,7 +248,11 @@ def train_teacher(latent_mean, latent_std, scaling_factor: float, captions, toke
         _ema_update(ema_unet, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
         _ema_update(ema_text, text_encoder, min(cfg.ema_decay, (1 + step) / (10 + step)))
         if (step + 1) % 100 == 0:
-            print(f"  teacher step {step + 1}/{cfg.unet_steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"  teacher step {step + 1}/{cfg.unet_steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     return ema_unet, ema_text
 
 
@@ -265,11 +276,16 @@ def teacher_check(pipe, judge, count: int, guidances, seed: int) -> dict[str, fl
         gen = torch.Generator().manual_seed(seed)
         images = []
         for i in range(0, count, 48):
-            images.append(pipe(prompts[i : i + 48], num_inference_steps=25, guidance_scale=g, generator=gen, output_type="pt").images)
+            images.append(
+                pipe(
+                    prompts[i : i + 48], num_inference_steps=25, guidance_scale=g, generator=gen, output_type="pt"
+                ).images
+            )
         pred = judge.predict(torch.cat(images))
-        out[f"ddim25_g{g:g}_all"] = round((pred == labels).all(1).float().mean().item(), 4)
-        out[f"ddim25_g{g:g}_per_attribute"] = [round(a, 4) for a in (pred == labels).float().mean(0).tolist()]
-        print(f"  teacher DDIM 25, guidance {g:g}: {out[f'ddim25_g{g:g}_all']:.4f} (per attribute {out[f'ddim25_g{g:g}_per_attribute']})", flush=True)
+        overall = round((pred == labels).all(1).float().mean().item(), 4)
+        per_attribute = [round(a, 4) for a in (pred == labels).float().mean(0).tolist()]
+        out[f"ddim25_g{g:g}_all"], out[f"ddim25_g{g:g}_per_attribute"] = overall, per_attribute
+        print(f"  teacher DDIM 25, guidance {g:g}: {overall:.4f} (per attribute {per_attribute})", flush=True)
     return out
 
 

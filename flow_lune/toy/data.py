@@ -57,7 +57,11 @@ def toy_dataset(split: str, count: int, seed: int = 0):
             yield {"image": s.image, "text": s.caption, **s.labels}
 
     features = datasets.Features(
-        {"image": datasets.Image(), "text": datasets.Value("string"), **{k: datasets.Value("int64") for k in ATTRIBUTES}}
+        {
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            **{k: datasets.Value("int64") for k in ATTRIBUTES},
+        }
     )
     return datasets.Dataset.from_list(list(rows()), features=features)
 

@@ -44,7 +44,9 @@ class ToyJudge(nn.Module):
         side = self.config["image_size"] // 2 ** (len(chans) - 1)
         # flatten, not pool: position is one of the attributes
         self.fc = nn.Linear(prev * side * side, self.config["feature_dim"])
-        self.heads = nn.ModuleDict({name: nn.Linear(self.config["feature_dim"], n) for name, n in self.config["heads"].items()})
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(self.config["feature_dim"], n) for name, n in self.config["heads"].items()}
+        )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The penultimate features (B, feature_dim) of images in [0, 1]."""
@@ -104,7 +106,9 @@ def load_judge(folder: str | os.PathLike) -> ToyJudge:
     folder = Path(folder)
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
-            raise ValueError(f"{folder} has no {name}: pass a folder written by save_judge (e.g. flow_lune.toy.judge_path()).")
+            raise ValueError(
+                f"{folder} has no {name}: pass a folder written by save_judge (e.g. flow_lune.toy.judge_path())."
+            )
     judge = ToyJudge(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     judge.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     return judge.eval()
@@ -149,5 +153,8 @@ def train_judge(
         opt.step()
         sched.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"  judge step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"  judge step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     return judge.eval()
