@@ -253,6 +253,9 @@ def main(args: argparse.Namespace) -> dict:
         if ref is None:
             continue
         row["reference"] = f"teacher ddim {reference_steps} steps"
+        if row["model"] == "teacher" and row["sampler"] == "ddim" and row["steps"] == reference_steps:
+            row["is_reference"] = True  # compared with itself: no agreement or FID to report
+            continue
         row.update(same_noise_agreement(images, ref, prompts))
         if toy:
             row["toy_fid_teacher"] = toy_fid(judge, ref, images)

@@ -23,9 +23,20 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["flow_lune", *SUBPACKAGES],
+    packages=["flow_lune", "flow_lune.toy", "flow_lune.evaluation", *SUBPACKAGES],
     package_dir={"flow_lune": "flow_lune", **SUBPACKAGES},
-    package_data={"flow_lune": ["data/*.json", "data/*.txt"], "flow_lune.convert": ["configs/*/*.json"]},
+    package_data={
+        "flow_lune": ["data/*.json", "data/*.txt"],
+        "flow_lune.convert": ["configs/*/*.json"],
+        # the shipped toy teacher (StableDiffusionPipeline folder), judge and manifest
+        "flow_lune.toy": [
+            "assets/*.json",
+            "assets/*/*.json",
+            "assets/*/*/*.json",
+            "assets/*/*.safetensors",
+            "assets/*/*/*.safetensors",
+        ],
+    },
     install_requires=[
         "torch>=2.4",  # torch.nn.attention SDPA, fused AdamW on CPU
         "accelerate>=1.0",  # save_state/load_state hooks, skip_first_batches
@@ -39,8 +50,13 @@ setup(
         "tensorboard>=2.15",
         "pillow>=10",
         "numpy>=1.26",
+        "torchmetrics>=1.4",  # evaluation: FrechetInceptionDistance(feature=<module>), CLIPScore
+        "matplotlib>=3.7",  # evaluation: the quality-against-steps chart (Agg backend)
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "scipy>=1.10"],  # scipy: an independent Frechet distance in a test
+        "inception-fid": ["torch-fidelity>=0.3"],  # torchmetrics' Inception network for real-model FID
+    },
     entry_points={
         "console_scripts": [
             "flow-lune-convert=flow_lune.convert.__main__:main",

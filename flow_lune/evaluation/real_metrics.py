@@ -34,16 +34,39 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, feature: int | torch.n
     return float(fid.compute())
 
 
+class _CLIPFeatures(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features``/``get_text_features`` return the projected tensors.
+
+    transformers 5 returns a ``BaseModelOutputWithPooling`` (projected embeddings in ``pooler_output``);
+    torchmetrics 1.9's CLIP score expects the tensor that transformers 4 returned.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
 def clip_model_loader(model_name_or_path: str | os.PathLike):
     """What torchmetrics' ``CLIPScore(model_name_or_path=...)`` accepts for any CLIP checkpoint, local or Hub.
 
     torchmetrics takes strings only for the model ids it lists; a callable returning
-    ``(CLIPModel, CLIPProcessor)`` works for every other checkpoint, including a local folder.
+    ``(model, CLIPProcessor)`` works for every other checkpoint, including a local folder.
     """
     from transformers import CLIPModel, CLIPProcessor
 
     name = str(model_name_or_path)
-    return lambda: (CLIPModel.from_pretrained(name).eval(), CLIPProcessor.from_pretrained(name))
+    return lambda: (_CLIPFeatures(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name))
 
 
 def clip_score(images: torch.Tensor, prompts: Sequence[str], model_name_or_path: str | os.PathLike) -> float:

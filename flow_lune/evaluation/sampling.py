@@ -68,16 +68,16 @@ def load_pipeline(path: str | os.PathLike, config: str | os.PathLike | None = No
             raise ValueError(f"{path} is a single file: pass --config, a local pipeline folder holding its configs.")
         shift = _file_shift(path)
         pipe = FlowLunePipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
+            str(path), config=str(config), local_files_only=True,
             scheduler=FlowLuneScheduler(shift=3.0 if shift is None else shift),
         )  # fmt: skip
     elif path.is_dir():
         name = _read_model_index(path).get("_class_name")
         if name == "FlowLunePipeline":
-            pipe = FlowLunePipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+            pipe = FlowLunePipeline.from_pretrained(str(path), local_files_only=True)
         elif name == "StableDiffusionPipeline":
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+                str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False
             )
         else:
             raise ValueError(
@@ -86,7 +86,7 @@ def load_pipeline(path: str | os.PathLike, config: str | os.PathLike | None = No
     else:
         raise ValueError(f"{path}: no such file or folder.")
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(dtype=dtype)
 
 
 def is_flow_pipeline(pipe: Any) -> bool:
