@@ -280,3 +280,21 @@ def test_evaluate_single_file_needs_config(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "error: --student is a single file: pass --config" in result.stderr
+
+
+def test_single_file_student_loads_with_its_shift_and_samples_like_its_folder(tiny_student_dir, tmp_path):
+    from flow_lune.convert import convert_to_single_file
+    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner
+
+    single = tmp_path / "student.safetensors"
+    convert_to_single_file(tiny_student_dir, single, progress=False)
+    from_file = load_pipeline(single, config=tiny_student_dir)
+    from_folder = load_pipeline(tiny_student_dir)
+    assert from_file.scheduler.config.shift == from_folder.scheduler.config.shift == 3.0
+    noise = fixed_noise(2, (4, 8, 8), seed=0)
+    prompts = ["a red circle at the left", "a blue square at the top"]
+    a = make_runner("student", from_file, "euler").sample(prompts, noise, 2, 3.0)
+    b = make_runner("student", from_folder, "euler").sample(prompts, noise, 2, 3.0)
+    assert a.shape == (2, 3, 64, 64) and torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="sample it with 'euler'"):
+        make_runner("student", from_folder, "ddim")

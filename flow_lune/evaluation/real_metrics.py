@@ -34,6 +34,9 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, feature: int | torch.n
     return float(fid.compute())
 
 
+_CLIP_CACHE: dict[str, tuple] = {}
+
+
 class _CLIPFeatures(torch.nn.Module):
     """A ``CLIPModel`` whose ``get_image_features``/``get_text_features`` return the projected tensors.
 
@@ -66,7 +69,9 @@ def clip_model_loader(model_name_or_path: str | os.PathLike):
     from transformers import CLIPModel, CLIPProcessor
 
     name = str(model_name_or_path)
-    return lambda: (_CLIPFeatures(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name))
+    if name not in _CLIP_CACHE:  # one load per process: the evaluator scores every setting with it
+        _CLIP_CACHE[name] = (_CLIPFeatures(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name))
+    return lambda: _CLIP_CACHE[name]
 
 
 def clip_score(images: torch.Tensor, prompts: Sequence[str], model_name_or_path: str | os.PathLike) -> float:
