@@ -18,6 +18,7 @@ from flow_lune.toy import (
     teacher_path,
     toy_arrays,
     toy_dataset,
+    toy_dataset_dict,
     write_imagefolder,
 )
 from flow_lune.toy.tokenizer import CAPTION_WORDS, toy_tokenizer, write_toy_tokenizer_files
@@ -93,6 +94,10 @@ def test_dataset_and_imagefolder_load_through_datasets_and_the_trainer(tmp_path)
         cfg = DataConfig(**{field: str(folder)}, resolution=64, center_crop=True, cache_dir=str(tmp_path / "cache"))
         source = resolve_source(cfg)
         assert source.kind == "images" and source.prompts == ds["text"]
+
+    toy_dataset_dict(6, 3).save_to_disk(str(tmp_path / "saved"))  # the DatasetDict route: --dataset_name
+    cfg = DataConfig(dataset_name=str(tmp_path / "saved"), resolution=64, cache_dir=str(tmp_path / "cache"))
+    assert resolve_source(cfg).prompts == ds["text"]
 
 
 def test_toy_arrays_match_render():

@@ -6,7 +6,7 @@ them); ``teacher_path()`` and ``judge_path()`` give their folders.
 
 from pathlib import Path
 
-from .data import ToyArrays, toy_arrays, toy_dataset, write_imagefolder
+from .data import ToyArrays, toy_arrays, toy_dataset, toy_dataset_dict, write_imagefolder
 from .world import (
     ATTRIBUTE_COMBINATIONS,
     ATTRIBUTES,
@@ -67,5 +67,6 @@ __all__ = [
     "teacher_path",
     "toy_arrays",
     "toy_dataset",
+    "toy_dataset_dict",
     "write_imagefolder",
 ]

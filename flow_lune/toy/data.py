@@ -87,3 +87,31 @@ def write_imagefolder(folder: str | os.PathLike, count: int, seed: int = 0, spli
 
     atomic_folder(folder, fill)
     return Path(folder)
+
+
+def toy_dataset_dict(train_count: int = 4800, heldout_count: int = 480, seed: int = 0):
+    """A ``datasets.DatasetDict`` with ``train`` and ``heldout`` splits (``save_to_disk`` it for ``--dataset_name``)."""
+    import datasets
+
+    return datasets.DatasetDict(
+        {"train": toy_dataset("train", train_count, seed), "heldout": toy_dataset("heldout", heldout_count, seed)}
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flow_lune.toy.data --output_dir DIR``: write a split as an imagefolder for the trainer."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the toy world as an imagefolder (images + metadata.jsonl).")
+    parser.add_argument("--output_dir", required=True, help="the folder to write; pass it as --train_data_dir")
+    parser.add_argument("--count", type=int, default=4800, help="images (default: 100 per attribute combination)")
+    parser.add_argument("--split", default="train", choices=["train", "heldout"], help="which split to draw")
+    parser.add_argument("--seed", type=int, default=0, help="the toy world's seed (the shipped teacher used 0)")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error(f"--count must be >= 1, got {args.count}")
+    print(f"wrote {write_imagefolder(args.output_dir, args.count, args.seed, args.split)}")
+
+
+if __name__ == "__main__":
+    main()
