@@ -3,7 +3,8 @@
 - ``convention``: the flow state, the Euler step, the shift, guidance, and ``flow_timestep(sigma)``;
 - ``bridge``: the exact bridge from an epsilon DDPM teacher, and ``EpsilonToFlowUNet``, the one teacher query;
 - ``sigmas``: training sigma densities, the adaptive per-bin sampler and its bins;
-- ``loss_weight``: per-sample weights of the flow loss.
+- ``loss_weight``: per-sample weights of the flow loss;
+- ``reflow``: the reflow target between a pair (noise, the ODE's end).
 """
 
 from .bridge import (
@@ -28,6 +29,7 @@ from .convention import (
     sigma_from_flow_timestep,
 )
 from .loss_weight import LOSS_WEIGHTINGS, loss_weight
+from .reflow import reflow_target
 from .sigmas import (
     ADAPTIVE_JITTER,
     BASE_JITTER,
@@ -62,6 +64,7 @@ __all__ = [
     "guided_velocity",
     "loss_weight",
     "noise_norm",
+    "reflow_target",
     "sample_u",
     "shift_sigma",
     "sigma_from_flow_timestep",
