@@ -41,18 +41,27 @@ from flow_lune.training.checkpoints import (
 )
 from flow_lune.training.cli import (
     add_data_arguments,
+    add_objective_arguments,
     add_sigma_arguments,
     add_teacher_arguments,
     check_shared_arguments,
+    resolve_objective_defaults,
     start_run,
 )
-from flow_lune.training.export import PIPELINE_DIRNAME, SUMMARY_FLAGS, export_final, final_student, push_to_hub
+from flow_lune.training.export import (
+    PIPELINE_DIRNAME,
+    SUMMARY_FLAGS,
+    export_final,
+    final_student,
+    push_to_hub,
+    recommended_sampling,
+)
 from flow_lune.training.fusion import FusionConfig
 from flow_lune.training.metrics import TrainingLog, read_metrics
 from flow_lune.training.objective import ObjectiveConfig
 from flow_lune.training.plots import plot_training
 from flow_lune.training.seeds import RandomStreams
-from flow_lune.training.step import DistillationStep
+from flow_lune.training.step import DistillationStep, ReflowStep
 from flow_lune.training.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
@@ -90,6 +99,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--base_block_weights", type=float, nargs=9, default=list(BASE_BLOCK_WEIGHTS), help="w_b of the 9 blocks."
     )
+    add_objective_arguments(parser)  # --objective distill|reflow, --reflow_data (docs/reflow.md)
     # ----------Assessor Arguments----------
     parser.add_argument("--assessor", type=str, default="none", help="'none' (lambda_b = w_b) or an assessor folder.")
     parser.add_argument("--fusion_alpha", type=float, default=FusionConfig.alpha, help="Weight of e_t in lambda_b.")
@@ -159,6 +169,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub_model_id", type=str, default=None, help="Repository id; the token comes from HF_TOKEN.")
 
     args = parser.parse_args(input_args)
+    resolve_objective_defaults(args)  # --kd_weight, --block_penalty_weight, --uncond_prob depend on --objective
     check_args(args)
     return args
 
@@ -275,16 +286,23 @@ def main(args: argparse.Namespace) -> Path:
     objective = ObjectiveConfig(args.loss_weighting, args.kd_weight, args.block_penalty_weight, args.base_block_weights)
     streams = RandomStreams(args.seed, accelerator.process_index)
 
-    # 5. Data: cached latents x0 and prompt embeddings
-    data_config = DataConfig.from_args(args)
-    data_config.teacher_id = teacher_id
-    train_dataset = prepare_training_data(data_config, teacher, accelerator)
+    # 5. Data: cached latents x0 and prompt embeddings; for reflow, the pairs (z, x0_hat) and their embeddings
+    collate_fn = collate
+    if args.objective == "reflow":
+        from flow_lune.training.reflow_pairs import ReflowPairs, check_pairs_match, collate_pairs
+
+        train_dataset, collate_fn = ReflowPairs(args.reflow_data), collate_pairs
+        check_pairs_match(train_dataset, teacher.text_encoder, args.resolution)
+    else:
+        data_config = DataConfig.from_args(args)
+        data_config.teacher_id = teacher_id
+        train_dataset = prepare_training_data(data_config, teacher, accelerator)
     train_sampler = EpochShuffleSampler(len(train_dataset), args.seed)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
         sampler=train_sampler,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
     )
 
@@ -330,7 +348,7 @@ def main(args: argparse.Namespace) -> Path:
     training_log = TrainingLog(accelerator, output_dir / "metrics.jsonl", total_batch_size, global_step)
 
     # 9. Train: one DistillationStep per micro-batch; logging, checkpoints and validation at optimizer steps
-    step = DistillationStep(
+    step = (ReflowStep if args.objective == "reflow" else DistillationStep)(
         accelerator, student, teacher_flow, student_hooks, teacher_hooks, block_penalty, objective, sigma_sampler,
         streams, optimizer, lr_scheduler, train_dataset.empty_prompt_embeds.to(accelerator.device),
         uncond_prob=args.uncond_prob, max_grad_norm=args.max_grad_norm, max_nonfinite_steps=args.max_nonfinite_steps,
@@ -389,9 +407,13 @@ def main(args: argparse.Namespace) -> Path:
         unet = final_student(accelerator, student, ema, lora=args.lora_rank is not None)
         summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
         summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
+        pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
+        cfg, steps = recommended_sampling(args.objective, pair_guidance)
+        summary.update(reflow_pair_guidance=pair_guidance, recommended_cfg=cfg, recommended_steps=steps)
         result = export_final(
-            output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file
-        )
+            output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file,
+            cfg=cfg, steps=steps,
+        )  # fmt: skip
         logger.info(f"Saved the FlowLunePipeline to {result.pipeline_dir}")
         if args.push_to_hub:
             repo_id = push_to_hub(output_dir, args.hub_model_id, token=os.environ.get("HF_TOKEN"))

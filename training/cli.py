@@ -15,6 +15,9 @@ from flow_lune.flow import DENSITIES, SigmaSampler
 
 from .data_config import DataConfig
 
+OBJECTIVES = ("distill", "reflow")
+UNCOND_PROB = 0.1  # diffusers' and SD's usual prompt dropout: enough for CFG, little cost to the conditional
+
 
 def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     """``--pretrained_teacher_model``, ``--revision``, ``--variant``, ``--teacher_config``."""
@@ -80,7 +83,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--uncond_prob",
         type=float,
-        default=0.1,  # diffusers' and SD's usual prompt dropout: enough for CFG, little cost to the conditional
+        default=UNCOND_PROB,
         help="Probability of replacing a prompt by '' (the student learns the unconditional velocity for CFG).",
     )
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="0: cached rows load in-process.")
@@ -110,6 +113,65 @@ def add_sigma_arguments(parser: argparse.ArgumentParser) -> None:
         default=SigmaSampler.shift,
         help="Time shift of training and sampling sigmas (> 1: toward noise).",
     )
+
+
+def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--objective distill|reflow`` and ``--reflow_data`` (docs/reflow.md).
+
+    Three defaults depend on the objective, so their flags default to None here and
+    :func:`resolve_objective_defaults` fills them in after parsing: ``--kd_weight`` and ``--block_penalty_weight``
+    (0 for reflow: its target departs from the teacher's curved field on purpose, and KD would cost a teacher
+    forward per step), ``--uncond_prob`` (0 for pairs made with guidance > 1: the student learns the guided flow
+    and samples at cfg 1; the usual dropout for pairs at guidance 1, so CFG still works at sampling).
+    """
+    group = parser.add_argument_group("Objective")
+    group.add_argument(
+        "--objective",
+        type=str,
+        default="distill",  # the first stage: distil the teacher; reflow is a second stage on pairs
+        choices=OBJECTIVES,
+        help="distill: match the teacher's velocity on noised real latents; reflow: train on straight lines "
+        "between reflow pairs (--reflow_data, from generate_reflow_pairs.py).",
+    )
+    group.add_argument(
+        "--reflow_data", type=str, default=None, help="A finished pair set from generate_reflow_pairs.py."
+    )
+    parser.set_defaults(kd_weight=None, block_penalty_weight=None, uncond_prob=None)
+
+
+def objective_defaults(objective: str, pair_guidance: float | None = None) -> dict[str, float]:
+    """The defaults of ``--kd_weight``, ``--block_penalty_weight`` and ``--uncond_prob`` for an objective."""
+    from .objective import ObjectiveConfig
+
+    if objective == "distill":
+        return {
+            "kd_weight": ObjectiveConfig.kd_weight,
+            "block_penalty_weight": ObjectiveConfig.block_penalty_weight,
+            "uncond_prob": UNCOND_PROB,
+        }
+    guided = pair_guidance is not None and pair_guidance > 1
+    return {"kd_weight": 0.0, "block_penalty_weight": 0.0, "uncond_prob": 0.0 if guided else UNCOND_PROB}
+
+
+def resolve_objective_defaults(args: argparse.Namespace) -> None:
+    """Check ``--objective``/``--reflow_data`` and fill in the objective-dependent defaults left at None."""
+    pair_guidance = None
+    if args.objective == "reflow":
+        if args.reflow_data is None:
+            raise ValueError("--objective reflow needs --reflow_data DIR (a pair set from generate_reflow_pairs.py).")
+        from .reflow_pairs import pairs_guidance
+
+        pair_guidance = pairs_guidance(args.reflow_data)  # ValueError naming the fix when not a finished set
+        given = [f for f in ("dataset_name", "train_data_dir", "latents_dataset", "prompts_file") if getattr(args, f)]
+        if given:
+            raise ValueError(
+                f"--objective reflow trains on --reflow_data only; drop --{given[0]} (its latents are not used)."
+            )
+    elif args.reflow_data is not None:
+        raise ValueError("--reflow_data is for --objective reflow; add --objective reflow or drop --reflow_data.")
+    for name, value in objective_defaults(args.objective, pair_guidance).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def check_shared_arguments(args: argparse.Namespace) -> None:

@@ -126,11 +126,31 @@ def write_model_card(
     return path
 
 
-def export_single_file(pipeline_dir: Path, dst: Path, shift: float, title: str) -> tuple[Path, Path | None]:
-    """The LDM single file and its ComfyUI workflow, through ``flow_lune.convert.convert_to_single_file``."""
+REFLOW_WORKFLOW_STEPS = 4  # reflow is for few-step sampling; the toy goal is 4 steps (measurement pending)
+
+
+def recommended_sampling(objective: str, pair_guidance: float | None = None) -> tuple[float | None, int | None]:
+    """``(cfg, steps)`` that the exported workflow and header recommend; None: the converter's default.
+
+    Distillation keeps CFG and the teacher's step counts (converter defaults). Reflow on pairs made with guidance
+    > 1 learnt the guided flow: cfg 1, few steps. Reflow on pairs at guidance 1 keeps CFG (converter's cfg), few
+    steps. docs/reflow.md gives the reasons.
+    """
+    if objective != "reflow":
+        return None, None
+    guided = pair_guidance is not None and pair_guidance > 1
+    return (1.0 if guided else None), REFLOW_WORKFLOW_STEPS
+
+
+def export_single_file(
+    pipeline_dir: Path, dst: Path, shift: float, title: str, cfg: float | None = None, steps: int | None = None
+) -> tuple[Path, Path | None]:
+    """The LDM single file and its ComfyUI workflow, through ``flow_lune.convert.convert_to_single_file``;
+    ``cfg``/``steps`` None: the converter's defaults."""
     from flow_lune.convert import convert_to_single_file
 
-    result = convert_to_single_file(pipeline_dir, dst, shift=shift, title=title, progress=False)
+    extra = {"steps": steps} if steps is not None else {}
+    result = convert_to_single_file(pipeline_dir, dst, shift=shift, title=title, cfg=cfg, progress=False, **extra)
     logger.info(result.summary())
     return result.dst, result.workflow
 
@@ -143,16 +163,20 @@ def export_final(
     args_summary: dict[str, Any],
     hub_model_id: str | None = None,
     single_file: bool = True,
+    cfg: float | None = None,
+    steps: int | None = None,
 ) -> ExportResult:
-    """Write the pipeline folder with its model card, then the single file + workflow. Main process only."""
+    """Write the pipeline folder with its model card, then the single file + workflow (recommending ``cfg`` and
+    ``steps``; None: the converter's defaults). Main process only."""
     output_dir = Path(output_dir)
     pipeline_dir = save_flow_lune_pipeline(output_dir / PIPELINE_DIRNAME, student_unet, teacher, shift)
     card = write_model_card(pipeline_dir, teacher.source, shift, args_summary, hub_model_id)
     file, workflow = (None, None)
     if single_file:
         file, workflow = export_single_file(
-            pipeline_dir, output_dir / SINGLE_FILE_NAME, shift, title=f"Flow Lune student of {teacher.source}"
-        )
+            pipeline_dir, output_dir / SINGLE_FILE_NAME, shift, title=f"Flow Lune student of {teacher.source}",
+            cfg=cfg, steps=steps,
+        )  # fmt: skip
     return ExportResult(pipeline_dir=pipeline_dir, single_file=file, workflow=workflow, model_card=card)
 
 
@@ -181,7 +205,7 @@ def merge_lora(unet: Any) -> Any:
 SUMMARY_FLAGS = (
     "learning_rate", "lr_scheduler", "train_batch_size", "gradient_accumulation_steps", "shift", "weighting_scheme",
     "loss_weighting", "kd_weight", "block_penalty_weight", "assessor", "uncond_prob", "lora_rank", "use_ema",
-    "mixed_precision", "seed",
+    "mixed_precision", "seed", "objective", "reflow_data",
 )  # fmt: skip  # the flags the model card reports
 
 

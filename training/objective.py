@@ -9,6 +9,12 @@ For real latents x0, noise eps and sigma from the training sampler:
     KD_b    = mean_i  (1 - cos(f^S_{b,i}, f^T_{b,i}))             (pooled block features, same forwards)
     L       = L_flow + kd_weight sum_b w_b KD_b + block_penalty_weight sum_b lambda_b KD_b
 
+Reflow (``reflow_loss``, docs/reflow.md) on a pair (z, x0_hat) from a model's ODE: the same L_flow with
+
+    x_sigma = (1 - sigma) x0_hat + sigma z,   target v = z - x0_hat   (flow.reflow_target)
+
+and the block KD against the teacher only when its weights are non-zero (off by default for reflow).
+
 ``lambda_b`` comes from a ``BlockPenalty`` and carries no gradient. The target is the teacher's
 velocity v*, never DDPM's v-prediction ``a_t eps - s_t x0`` (the earlier work's fault).
 """
@@ -22,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flow_lune.flow import EpsilonToFlowUNet, flow_state, flow_timestep, loss_weight
+from flow_lune.flow import EpsilonToFlowUNet, flow_state, flow_timestep, loss_weight, reflow_target
 
-from .block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
+from .block_features import BASE_BLOCK_WEIGHTS, BLOCK_NAMES, BlockFeatureHooks
 from .block_penalty import BlockPenalty, BlockWeights
 
 
@@ -120,6 +126,56 @@ def distillation_loss(
         )
     base = torch.as_tensor(list(config.base_weights), dtype=torch.float32)
     loss = total_loss(flow, kd, base, weights.lam, config.kd_weight, config.block_penalty_weight)
+    student_hooks.clear()
+    teacher_hooks.clear()
+    return DistillationOutput(loss=loss, flow_loss=flow, kd=kd, block_weights=weights, v_pred=v_pred, v_target=v_target)
+
+
+def uses_kd(config: ObjectiveConfig) -> bool:
+    """Whether the block KD enters the loss (a teacher forward is needed for its features)."""
+    return config.kd_weight > 0 or config.block_penalty_weight > 0
+
+
+def reflow_loss(
+    student: nn.Module,
+    teacher: EpsilonToFlowUNet,
+    student_hooks: BlockFeatureHooks,
+    teacher_hooks: BlockFeatureHooks,
+    x0_hat: torch.Tensor,
+    z: torch.Tensor,
+    sigma: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    block_penalty: BlockPenalty,
+    config: ObjectiveConfig,
+) -> DistillationOutput:
+    """One batch of reflow: ``x_sigma = (1 - sigma) x0_hat + sigma z``, ``L_flow`` against ``v = z - x0_hat``.
+
+    The block KD (and ``lambda_b``) is computed, from one teacher forward at ``x_sigma``, only when
+    ``uses_kd(config)``; otherwise the teacher does not run, ``KD_b = 0`` and ``lambda_b = 0`` are logged."""
+    sigma = sigma.float()
+    x0_hat, z = x0_hat.float(), z.float()
+    x_sigma = flow_state(x0_hat, z, sigma.reshape(-1))
+    v_target = reflow_target(x0_hat, z)
+    kd_on = uses_kd(config)
+    if kd_on:
+        with torch.no_grad():
+            teacher.velocity(x_sigma, sigma, encoder_hidden_states)  # for the block features the hooks capture
+        teacher_pooled = teacher_hooks.features
+    v_pred = student(x_sigma, flow_timestep(sigma), encoder_hidden_states, return_dict=False)[0]
+    student_pooled = student_hooks.features
+    flow = flow_matching_loss(v_pred, v_target, sigma, config.loss_weighting)
+    if kd_on:
+        kd = block_kd(student_pooled, teacher_pooled)
+        with torch.no_grad():
+            weights = block_penalty(
+                [s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma
+            )
+        base = torch.as_tensor(list(config.base_weights), dtype=torch.float32)
+        loss = total_loss(flow, kd, base, weights.lam, config.kd_weight, config.block_penalty_weight)
+    else:
+        kd = torch.zeros(len(BLOCK_NAMES), device=flow.device)
+        weights = BlockWeights(lam=torch.zeros(len(BLOCK_NAMES), device=flow.device))
+        loss = flow
     student_hooks.clear()
     teacher_hooks.clear()
     return DistillationOutput(loss=loss, flow_loss=flow, kd=kd, block_weights=weights, v_pred=v_pred, v_target=v_target)

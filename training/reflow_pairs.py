@@ -291,6 +291,22 @@ class ReflowPairs(torch.utils.data.Dataset):
         return {"latents": self._x0[i], "noise": self._z[i], "prompt_embeds": self._embeds[i], "index": i}
 
 
+def check_pairs_match(pairs: ReflowPairs, text_encoder: Any, resolution: int) -> None:
+    """``ValueError`` unless the pairs' embeddings fit ``text_encoder`` and their latents ``resolution``."""
+    width = int(pairs.empty_prompt_embeds.shape[-1])
+    hidden = int(text_encoder.config.hidden_size)
+    if width != hidden:
+        raise ValueError(
+            f"--reflow_data {str(pairs.folder)!r} holds prompt embeddings of width {width}, but the teacher's text "
+            f"encoder gives {hidden}: make the pairs with the teacher (or a student of it) that this run loads."
+        )
+    if int(pairs.config["resolution"]) != resolution:
+        raise ValueError(
+            f"--reflow_data {str(pairs.folder)!r} was made at resolution {pairs.config['resolution']}, the run "
+            f"uses {resolution}: pass --resolution {pairs.config['resolution']}."
+        )
+
+
 def collate_pairs(batch: list[dict]) -> dict:
     """``collate`` of ``training/data.py`` plus ``noise`` (B, 4, h, w)."""
     from .data import _stack, collate

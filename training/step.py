@@ -5,6 +5,8 @@ streams of the batch position, compute the objective (``objective.distillation_l
 on every process, backpropagate, clip at the accumulation boundary and add the loss terms to the metric sums. A
 non-finite loss on any process skips the whole optimizer step on every process. At each optimizer-step boundary
 ``end_update`` counts skipped steps and stops the run after ``max_nonfinite_steps`` in a row.
+
+``ReflowStep`` is the same step on reflow pairs (``--objective reflow``): only ``loss`` differs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from flow_lune.flow import EpsilonToFlowUNet
 from .block_features import BLOCK_NAMES, BlockFeatureHooks
 from .block_penalty import BlockPenalty
 from .data import drop_prompts
-from .objective import DistillationOutput, ObjectiveConfig, distillation_loss
+from .objective import DistillationOutput, ObjectiveConfig, distillation_loss, reflow_loss
 from .seeds import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -64,18 +66,7 @@ class DistillationStep:
         """One micro-batch at position ``(epoch, batch_index)``: loss, gated backward, optimizer and lr steps."""
         acc = self.accelerator
         with acc.accumulate(self.student):
-            x0 = batch["latents"].to(acc.device, torch.float32)
-            prompt_embeds = batch["prompt_embeds"].to(acc.device, torch.float32)
-            bsz = x0.shape[0]
-            sigma = self.sigma_sampler.sample(bsz, self.streams.generator("sigma", epoch, batch_index))
-            eps = torch.randn(x0.shape, generator=self.streams.generator("noise", epoch, batch_index))
-            dropout = self.streams.generator("dropout", epoch, batch_index)
-            prompt_embeds = drop_prompts(prompt_embeds, self.empty_prompt_embeds, self.uncond_prob, dropout)
-            sigma, eps = sigma.to(acc.device), eps.to(acc.device)
-            out = distillation_loss(
-                self.student, self.teacher, self.student_hooks, self.teacher_hooks, x0, eps, sigma, prompt_embeds,
-                self.block_penalty, self.objective,
-            )  # fmt: skip
+            out = self.loss(batch, epoch, batch_index)
             finite = torch.isfinite(out.loss.detach()).float().reshape(1)
             if acc.num_processes > 1:
                 finite = acc.gather(finite).min().reshape(1)
@@ -93,6 +84,26 @@ class DistillationStep:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return out
+
+    def inputs(self, batch: dict, epoch: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x0, sigma, prompt_embeds)`` of a batch on the device: sigma from the ``sigma`` stream, prompt dropout
+        from the ``dropout`` stream of the batch position."""
+        acc = self.accelerator
+        x0 = batch["latents"].to(acc.device, torch.float32)
+        prompt_embeds = batch["prompt_embeds"].to(acc.device, torch.float32)
+        sigma = self.sigma_sampler.sample(x0.shape[0], self.streams.generator("sigma", epoch, batch_index))
+        dropout = self.streams.generator("dropout", epoch, batch_index)
+        prompt_embeds = drop_prompts(prompt_embeds, self.empty_prompt_embeds, self.uncond_prob, dropout)
+        return x0, sigma.to(acc.device), prompt_embeds
+
+    def loss(self, batch: dict, epoch: int, batch_index: int) -> DistillationOutput:
+        """The distillation objective of one micro-batch; eps from the ``noise`` stream of the batch position."""
+        x0, sigma, prompt_embeds = self.inputs(batch, epoch, batch_index)
+        eps = torch.randn(x0.shape, generator=self.streams.generator("noise", epoch, batch_index)).to(x0.device)
+        return distillation_loss(
+            self.student, self.teacher, self.student_hooks, self.teacher_hooks, x0, eps, sigma, prompt_embeds,
+            self.block_penalty, self.objective,
+        )  # fmt: skip
 
     def end_update(self, global_step: int) -> bool:
         """At an optimizer-step boundary: whether the update was taken; counts skipped ones, stops after too many."""
@@ -117,3 +128,18 @@ class DistillationStep:
         self.sums.zero_()
         self.micro_batches = 0
         return means
+
+
+@dataclass
+class ReflowStep(DistillationStep):
+    """``DistillationStep`` on reflow pairs (``--objective reflow``): the same gating, sums, accumulation and
+    streams; the batch brings its own noise ``z`` (``batch["noise"]``) and the target is the straight line
+    ``z - x0_hat`` (``objective.reflow_loss``). The teacher runs only when a KD weight is non-zero."""
+
+    def loss(self, batch: dict, epoch: int, batch_index: int) -> DistillationOutput:
+        x0_hat, sigma, prompt_embeds = self.inputs(batch, epoch, batch_index)
+        z = batch["noise"].to(x0_hat.device, torch.float32)
+        return reflow_loss(
+            self.student, self.teacher, self.student_hooks, self.teacher_hooks, x0_hat, z, sigma, prompt_embeds,
+            self.block_penalty, self.objective,
+        )  # fmt: skip
