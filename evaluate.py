@@ -8,7 +8,8 @@ Toy world (the default prompts, the shipped toy teacher and judge):
 writes ``eval.json`` (per setting: the judge's accuracy overall and per attribute, toy FID against held-out
 real images and against the teacher's DDIM samples, same-noise agreement with the teacher, images per
 second), ``grid.png`` (each prompt under its tile) and ``chart.png`` (quality against steps, teacher and
-student on one chart). With ``--prompts_file`` (real SD1.5 models) it computes torchmetrics' CLIP score and,
+student on one chart); with ``--straightness``, each model's path straightness per guidance (docs/reflow.md).
+With ``--prompts_file`` (real SD1.5 models) it computes torchmetrics' CLIP score and,
 with ``--reference_images``, its Inception FID instead of the judge's metrics.
 """
 
@@ -75,6 +76,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--fid_feature", type=int, default=2048, choices=[64, 192, 768, 2048], help="real mode: Inception feature layer"
     )
+    g.add_argument(
+        "--straightness",
+        action="store_true",
+        help="also report each model's path straightness (teacher through the bridge, student Euler) per guidance",
+    )
+    g.add_argument(
+        "--straightness_steps",
+        type=int,
+        default=32,  # many steps: the path itself, not the step error, is what is measured
+        help="Euler steps of the trajectories whose straightness is measured",
+    )
+    g.add_argument(
+        "--straightness_prompts",
+        type=int,
+        default=48,  # each toy combination once: enough for a mean, cheap next to the quality settings
+        help="prompts (the first N of the evaluation prompts) of the straightness trajectories",
+    )
     g = parser.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="where eval.json, grid.png and chart.png go")
     g.add_argument("--grid_columns", type=int, default=8, help="prompts shown in the grid")
@@ -82,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    for name in ("num_prompts", "batch_size", "heldout_images", "grid_columns"):
+    for name in ("num_prompts", "batch_size", "heldout_images", "grid_columns", "straightness_steps",
+                 "straightness_prompts"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.num_prompts < 2:
@@ -260,7 +279,11 @@ def main(args: argparse.Namespace) -> dict:
         if toy:
             row["toy_fid_teacher"] = toy_fid(judge, ref, images)
 
-    # 6. Report.
+    # 6. Straightness of each model's many-step path (flow coordinates: the teacher through the bridge).
+    if args.straightness:
+        report["straightness"] = straightness_rows(args, prompts, noise, teacher, student, runners)
+
+    # 7. Report.
     report["settings"] = results
     report["reference_steps"] = reference_steps
     write_json(out_dir / "eval.json", report)
@@ -272,6 +295,35 @@ def main(args: argparse.Namespace) -> dict:
     print_table(results, toy)
     print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'grid.png'}, {out_dir / 'chart.png'}")
     return report
+
+
+def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, student, runners) -> list[dict]:
+    """Mean and spread of ``flow_lune.evaluation.straightness`` per model and guidance; printed too."""
+    from flow_lune import FlowLunePipeline
+    from flow_lune.evaluation import trajectory_straightness
+
+    pipes = []
+    if teacher is not None:
+        shift = next((r.pipe.scheduler.config.shift for r in runners if r.sampler == "bridge"), None)
+        if shift is None:
+            shift = args.shift if args.shift is not None else (student.scheduler.config.shift if student else 1.0)
+        bridge = FlowLunePipeline.from_teacher(teacher, shift=shift)
+        bridge.set_progress_bar_config(disable=True)
+        pipes.append(("teacher", "bridge", bridge))
+    if student is not None:
+        pipes.append(("student", "euler", student))
+    n = min(args.straightness_prompts, len(prompts))
+    rows = []
+    for name, sampler, pipe in pipes:
+        for g in args.guidance:
+            values = trajectory_straightness(pipe, noise[:n], args.straightness_steps, g, prompts[:n], args.batch_size)
+            rows.append({
+                "model": name, "sampler": sampler, "guidance": g, "steps": args.straightness_steps, "prompts": n,
+                "straightness": values.mean().item(), "straightness_std": values.std().item() if n > 1 else 0.0,
+            })  # fmt: skip
+            print(f"straightness {name} {sampler} g={g:g} ({args.straightness_steps} steps, {n} prompts): "
+                  f"{rows[-1]['straightness']:.5f} +- {rows[-1]['straightness_std']:.5f}")  # fmt: skip
+    return rows
 
 
 def print_table(results: list[dict], toy: bool) -> None:

@@ -1,5 +1,6 @@
 """Evaluation of teachers and students: toy-world metrics (judge accuracy, toy FID, same-noise agreement),
-torchmetrics' Inception FID and CLIP score for real models, sampling runners and the report writers.
+torchmetrics' Inception FID and CLIP score for real models, the straightness of sampling paths, sampling runners
+and the report writers.
 ``evaluate.py`` at the repository root is the command."""
 
 from .metrics import (
@@ -14,10 +15,13 @@ from .metrics import (
 from .real_metrics import clip_model_loader, clip_score, inception_fid
 from .report import write_chart, write_grid, write_json
 from .sampling import SAMPLERS, Runner, ddim_scheduler, fixed_noise, load_pipeline, make_runner, sample_all
+from .straightness import Trajectory, TrajectoryRecorder, sample_trajectory, straightness, trajectory_straightness
 
 __all__ = [
     "SAMPLERS",
     "Runner",
+    "Trajectory",
+    "TrajectoryRecorder",
     "attribute_accuracy",
     "clip_model_loader",
     "clip_score",
@@ -32,7 +36,10 @@ __all__ = [
     "psnr",
     "same_noise_agreement",
     "sample_all",
+    "sample_trajectory",
+    "straightness",
     "toy_fid",
+    "trajectory_straightness",
     "write_chart",
     "write_grid",
     "write_json",
