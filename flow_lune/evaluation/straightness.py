@@ -62,14 +62,15 @@ class TrajectoryRecorder:
 def sample_trajectory(
     pipe: Any,
     noise: torch.Tensor,
-    steps: int,
+    steps: int | None,
     guidance: float,
     prompts: Sequence[str] | None = None,
     **pipe_kwargs: Any,
 ) -> Trajectory:
     """The ``FlowLunePipeline`` run from ``latents=noise`` at sigma = 1 for ``steps`` Euler steps, every state kept.
 
-    A teacher goes through ``FlowLunePipeline.from_teacher`` so that its states are flow states too.
+    ``pipe_kwargs`` go to the pipeline call (e.g. ``sigmas=[...]`` with ``steps=None`` for an explicit grid). A
+    teacher goes through ``FlowLunePipeline.from_teacher`` so that its states are flow states too.
     """
     recorder = TrajectoryRecorder(noise)
     dtype = pipe.unet.dtype
