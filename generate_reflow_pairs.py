@@ -127,6 +127,7 @@ def read_prompts(args: argparse.Namespace, num_pairs: int) -> list[str]:
 def main(args: argparse.Namespace) -> Path | None:
     import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from flow_lune.training.encoding import encode_prompts
     from flow_lune.training.reflow_pairs import PairSampler, PairsConfig, make_pair_set, unet_digest
@@ -135,7 +136,7 @@ def main(args: argparse.Namespace) -> Path | None:
     # 1. Processes: under accelerate launch / torchrun each process writes its own shards
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # PartialState does not read it itself
 
     # 2. The model whose ODE makes the pairs, and the prompts
     pipe, kind = load_sampler_pipeline(args)

@@ -408,8 +408,9 @@ def main(args: argparse.Namespace) -> Path:
         summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
         summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
         pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
-        cfg, steps = recommended_sampling(args.objective, pair_guidance)
-        summary.update(reflow_pair_guidance=pair_guidance, recommended_cfg=cfg, recommended_steps=steps)
+        cfg, steps = recommended_sampling(args.objective, pair_guidance)  # (None, None) for distill: the defaults
+        if args.objective == "reflow":
+            summary.update(reflow_pair_guidance=pair_guidance, recommended_cfg=cfg, recommended_steps=steps)
         result = export_final(
             output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file,
             cfg=cfg, steps=steps,
