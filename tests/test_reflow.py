@@ -289,6 +289,10 @@ def test_reflow_run_writes_the_usual_outputs(tmp_path, cache_dir, pairs):
         meta = f.metadata()
     assert float(meta["flow_lune.cfg"]) == 1.0 and meta["flow_lune.steps"] == "4"
     assert "reflow_pair_guidance" in (pipeline_dir / "README.md").read_text()
+    # The exported student makes pairs too (a FlowLunePipeline folder, its own shift).
+    student_pairs = make_pairs(tmp_path / "student-pairs", cache_dir, "--model", str(pipeline_dir), "--num_pairs", "2")
+    config = ReflowPairs(student_pairs).config
+    assert (config["model_kind"], config["shift"], len(ReflowPairs(student_pairs))) == ("student", 3.0, 2)
 
 
 def test_reflow_resume_after_sigkill_is_bit_identical(tmp_path, cache_dir, pairs):
