@@ -14,6 +14,7 @@ from .accounting import plan_component
 from .configs import builtin_config, folder_config
 from .errors import ConversionError
 from .keymaps import LDM_PREFIXES
+from .ldm_source import open_ldm_source
 from .sfio import read_header, sniff_format
 from .sources import (
     EARLIER_TRAINER_KEYS,
@@ -21,16 +22,14 @@ from .sources import (
     LDM_SCHEDULE_KEYS,
     PREDICTION_MARKERS,
     Component,
-    DictReader,
     _numel,
     describe_keys,
     earlier_trainer_source,
     is_pipeline_folder,
-    load_pickle,
     open_diffusers_source,
-    open_ldm_source,
     resolve_path,
 )
+from .weight_files import DictReader, load_pickle
 
 
 @dataclass

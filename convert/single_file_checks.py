@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConversionError
+from .ldm_source import open_ldm_source
 from .metadata import PREDICTION_TYPE_KEY, flow_shift
 from .sfio import read_header, sniff_format
-from .sources import describe_keys, open_ldm_source, resolve_path
+from .sources import describe_keys, resolve_path
 
 FULL_COMPONENTS = {"unet", "vae", "text_encoder"}  # what a pipeline needs from a single file
 

@@ -5,13 +5,13 @@ this project, a checkpoint of the earlier trainer (``{"cfg", "student", "opt", "
 or an original-layout (LDM) single file. Each becomes a :class:`Source` whose components map keys
 (prefixes stripped by the all-or-nothing rule) to :class:`TensorRef` s. Keys that belong to no
 component are accounted for here: EMA copies only as ``--ema`` says, DDPM schedule buffers checked
-against the scheduler, ``position_ids`` checked; anything else is an error.
+against the scheduler, ``position_ids`` checked; anything else is an error. Reading the files themselves is
+``weight_files.py``; splitting an LDM single file into components is ``ldm_source.py``.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +20,9 @@ import torch
 from .architecture import describe_ldm_keys, describe_unet_config
 from .configs import folder_config, read_json
 from .errors import ConversionError, format_keys
-from .keymaps import LDM_PREFIXES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .keymaps import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .sfio import SafetensorsReader, sniff_format
-
-Shape = tuple[int, ...]
+from .weight_files import DictReader, Shape, _only_tensors, load_pickle, open_weights
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "unet.")  # DDP, torch.compile, a wrapper holding the UNet
 EARLIER_TRAINER_KEYS = {"cfg", "student", "opt", "sched", "gstep"}
@@ -54,25 +53,6 @@ WEIGHT_NAMES = {
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
 }
-
-
-class DictReader:
-    """Tensors held in a dict (from ``torch.load(weights_only=True)``), with the reader interface."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], path: Path):
-        self.path = path
-        self._tensors = tensors
-        self.tensors = {k: _Info(t.dtype, tuple(t.shape)) for k, t in tensors.items()}
-        self.metadata: dict[str, str] = {}
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
-@dataclass(frozen=True)
-class _Info:
-    dtype: torch.dtype
-    shape: Shape
 
 
 @dataclass(frozen=True)
@@ -123,61 +103,6 @@ def _numel(shape: Shape) -> int:
     for d in shape:
         n *= d
     return n
-
-
-# ---------------------------------------------------------------- files
-
-
-def load_pickle(path: Path, allow_pickle: bool) -> dict:
-    """``torch.load(path, weights_only=True)``; a pickle under a ``.safetensors`` name needs ``allow_pickle``."""
-    if path.suffix == ".safetensors" and not allow_pickle:
-        raise ConversionError(
-            f"{path} is named .safetensors but is a pickle (torch.save) file; a pickle can run code when loaded. "
-            "Pass --allow-pickle to read it with torch.load(weights_only=True), or re-save it as real safetensors"
-        )
-    try:
-        if path.suffix == ".safetensors":
-            # torch.load hands a name ending in .safetensors to safetensors; a file object it unpickles.
-            with open(path, "rb") as f:
-                data = torch.load(f, map_location="cpu", weights_only=True)
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=sniff_zip(path))
-    except pickle.UnpicklingError as err:
-        raise ConversionError(
-            f"torch.load(weights_only=True) refused {path}: it holds pickled objects other than tensors and plain "
-            f"containers (for example a config class under 'cfg'), which Flow Lune will not unpickle. "
-            f"Re-save the weights alone (torch.save({{'student': state_dict}}, ...)) or as safetensors. Details: {err}"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ConversionError(f"cannot read {path} as a torch file (truncated or corrupt?): {err}") from err
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
-    return data
-
-
-def sniff_zip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def open_weights(path: Path, allow_pickle: bool) -> SafetensorsReader | DictReader:
-    """A reader over one weights file: safetensors, or a torch pickle of a flat dict of tensors."""
-    if not path.is_file():
-        raise ConversionError(f"{path} does not exist or is not a file")
-    fmt = sniff_format(path)
-    if fmt == "pickle":
-        data = load_pickle(path, allow_pickle)
-        if isinstance(data.get("state_dict"), dict):
-            data = data["state_dict"]
-        return DictReader(_only_tensors(data, path), path)
-    return SafetensorsReader(path)
-
-
-def _only_tensors(data: dict, path: Path) -> dict[str, torch.Tensor]:
-    others = [str(k) for k, v in data.items() if not isinstance(v, torch.Tensor)]
-    if others:
-        raise ConversionError(f"{path} holds entries that are not tensors, {format_keys(others)}")
-    return data
 
 
 # ---------------------------------------------------------------- prefixes
@@ -448,117 +373,6 @@ def _refuse_other_families(comp: Component) -> None:
             f"{comp.origin} is an {family} UNet (cross-attention width {max(widths)}); "
             "Flow Lune converts only SD1.5 models"
         )
-
-
-# ---------------------------------------------------------------- LDM sources
-
-
-def open_ldm_source(path: Path, *, ema: str | None, allow_pickle: bool, scheduler_config: dict | None = None) -> Source:
-    """An original-layout single file (full or UNet-only) split into components in LDM layout."""
-    reader, kind, data = _open_any_file(path, allow_pickle)
-    if kind == "earlier-trainer checkpoint":
-        raise ConversionError(f"{path} is an earlier-trainer checkpoint; convert it with to-single-file first")
-    what = describe_keys(reader)
-    if what not in ("ldm", "ldm-unet-bare"):
-        raise ConversionError(f"{path} is {what}; to-diffusers takes an SD1.5 original-layout (LDM) single file")
-    notes: list[str] = []
-    keys = list(reader.tensors)
-    if what == "ldm-unet-bare":
-        stripped = strip_prefixes(keys, str(path))
-        groups = {"unet": stripped}
-    else:
-        groups = split_ldm_keys(reader, ema=ema, notes=notes, scheduler_config=scheduler_config, origin=str(path))
-    components = {}
-    for name, comp_keys in groups.items():
-        components[name] = component_from_reader(reader, name, "ldm", str(path), comp_keys, notes)
-    if "unet" not in components:
-        raise ConversionError(f"{path} has no UNet (no model.diffusion_model.* keys)")
-    kind = "LDM single file, full" if {"vae", "text_encoder"} <= components.keys() else "LDM single file, UNet-only"
-    if len(components) == 2:
-        raise ConversionError(
-            f"{path} holds {sorted(components)} but not all of unet, vae, text_encoder; "
-            "a single file is full or UNet-only"
-        )
-    return Source(path, kind, components, [path], metadata=dict(reader.metadata), notes=notes)
-
-
-def split_ldm_keys(reader, *, ema: str | None, notes: list[str], scheduler_config: dict | None, origin: str):
-    """Sort the keys of a full LDM file into components; every other key is accounted for or an error."""
-    groups: dict[str, dict[str, str]] = {"unet": {}, "vae": {}, "text_encoder": {}}
-    ema_keys, schedule, markers, unknown = [], [], [], []
-    for key in reader.tensors:
-        for name, prefix in LDM_PREFIXES.items():
-            if key.startswith(prefix):
-                groups[name][key[len(prefix) :]] = key
-                break
-        else:
-            if key.startswith(EMA_PREFIX):
-                ema_keys.append(key)
-            elif key in LDM_SCHEDULE_KEYS:
-                schedule.append(key)
-            elif key in PREDICTION_MARKERS:
-                markers.append(key)
-            else:
-                unknown.append(key)
-    if markers:
-        raise ConversionError(
-            f"{origin} carries the prediction marker {format_keys(markers)}: ComfyUI and A1111 would treat it as a "
-            "v-prediction/zero-SNR model. A Flow Lune file never has one; this file is not a Flow Lune SD1.5 export"
-        )
-    if unknown:
-        raise ConversionError(f"{origin} has keys that belong to no SD1.5 component, {format_keys(unknown)}")
-    if ema_keys:
-        _apply_ema(reader, groups, ema_keys, ema, notes, origin)
-    if schedule:
-        notes.append(check_schedule(reader, schedule, scheduler_config, origin))
-    return {name: keys for name, keys in groups.items() if keys}
-
-
-def _apply_ema(reader, groups, ema_keys: list[str], ema: str | None, notes: list[str], origin: str) -> None:
-    if ema is None:
-        raise ConversionError(
-            f"{origin} holds an EMA copy of the UNet ({len(ema_keys)} model_ema.* keys); "
-            "pass --ema use (convert the EMA weights) or --ema drop (convert the live weights, leave the EMA out)"
-        )
-    bookkeeping = [k for k in ema_keys if k in ("model_ema.decay", "model_ema.num_updates")]
-    if ema == "drop":
-        notes.append(f"{origin}: {len(ema_keys)} model_ema.* keys left out (--ema drop)")
-        return
-    # LitEma stores model.diffusion_model.a.b.c as model_ema.diffusion_modelabc (dots removed).
-    wanted = {"model_ema." + ("diffusion_model." + k).replace(".", ""): k for k in groups["unet"]}
-    missing = [wanted_key for wanted_key in wanted if wanted_key not in reader.tensors]
-    extra = set(ema_keys) - wanted.keys() - set(bookkeeping)
-    if missing or extra:
-        raise ConversionError(
-            f"--ema use: the EMA copy in {origin} does not match its UNet: missing {format_keys(missing)}; "
-            f"unexpected {format_keys(extra)}"
-        )
-    groups["unet"] = {k: ema_key for ema_key, k in wanted.items()}
-    notes.append(f"{origin}: UNet taken from the EMA copy (--ema use); the live UNet weights left out")
-
-
-def check_schedule(reader, keys: list[str], scheduler_config: dict | None, origin: str) -> str:
-    """Check LDM's DDPM schedule buffers against the scheduler's betas (not weights: diffusers recomputes them)."""
-    from .configs import builtin_config
-
-    cfg = scheduler_config or builtin_config("scheduler")
-    n = int(cfg.get("num_train_timesteps", 1000))
-    start, end = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
-    if cfg.get("beta_schedule", "scaled_linear") == "scaled_linear":
-        betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
-    else:
-        betas = torch.linspace(start, end, n, dtype=torch.float64)
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    for key, ref in (("betas", betas), ("alphas_cumprod", alphas_cumprod)):
-        if key in keys:
-            found = reader.get(key).to(torch.float64)
-            if found.shape != ref.shape or not torch.allclose(found, ref, rtol=2e-3, atol=1e-6):
-                raise ConversionError(
-                    f"{origin}: the schedule buffer {key} does not match the scheduler ({cfg.get('beta_schedule')} "
-                    f"{start}..{end}, {n} steps); this is not an SD1.5-schedule file, "
-                    "or pass --config with its scheduler"
-                )
-    return f"{origin}: {len(keys)} DDPM schedule buffers checked against the scheduler config; not weights, not written"
 
 
 def resolve_path(path: str | os.PathLike) -> Path:

@@ -11,9 +11,10 @@ from .accounting import plan_component, read_position
 from .architecture import text_keys_carry_text_model
 from .configs import builtin_config, flow_model_index, flow_scheduler_config, folder_config, read_json
 from .errors import ConversionError
+from .ldm_source import open_ldm_source
 from .metadata import EPSILON, PREDICTION_TYPE_KEY, flow_shift
 from .sfio import OutTensor, verify_written, write_safetensors
-from .sources import open_ldm_source, resolve_path
+from .sources import resolve_path
 from .to_single_file import DTYPES, ConversionResult, _out_dtype, _progress_bar
 from .writing import atomic_folder, check_destination
 

@@ -14,6 +14,7 @@ from .configs import builtin_config, folder_config, teacher_scheduler
 from .errors import ConversionError
 from .hashing import SourceHasher, combined_sha256, relative_names
 from .keymaps import LDM_PREFIXES, TEXT_PREFIX
+from .ldm_source import open_ldm_source
 from .metadata import EPSILON, PREDICTION_TYPE, PREDICTION_TYPES, hash_values, single_file_metadata
 from .sfio import OutTensor, verify_written, write_safetensors
 from .sources import (
@@ -22,7 +23,6 @@ from .sources import (
     TensorRef,
     is_pipeline_folder,
     open_diffusers_source,
-    open_ldm_source,
     resolve_path,
 )
 from .workflow import comfyui_editor_graph, comfyui_workflow
