@@ -68,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--quick", action="store_true", help="tiny teacher, a few steps, 2 seeds: for tests")
     g.add_argument("--arms", default="a,b,c,d", help="comma-separated arms to run (a, b, c, d)")
     g.add_argument("--seeds", type=int, default=None, help="seeds per arm, 0..N-1 (default 3; quick 2)")
-    g.add_argument("--teacher", default=None, help="'toy', 'tiny' or an SD1.5 pipeline folder (default toy; quick tiny)")
+    g.add_argument(
+        "--teacher", default=None, help="'toy', 'tiny' or an SD1.5 pipeline folder (default toy; quick tiny)"
+    )
     g.add_argument("--judge", default=None, help="'toy', 'tiny' or a judge folder (default toy; quick tiny)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g = parser.add_argument_group("training (shared by every arm)")
@@ -80,14 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--assessor_steps", type=int, default=None, help="train_assessor.py --max_train_steps")
     g.add_argument("--assessor_args", default="", help="more train_assessor.py flags, one string")
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval_at", type=int, nargs="+", default=None, help="training steps to evaluate (the last is added)")
+    g.add_argument(
+        "--eval_at", type=int, nargs="+", default=None, help="training steps to evaluate (the last is added)"
+    )
     g.add_argument("--euler_steps", type=int, nargs="+", default=None, help="student Euler step counts")
     g.add_argument("--guidance", type=float, default=2.0, help="CFG scale (DESIGN: the toy teacher's best at 2)")
     g.add_argument("--num_prompts", type=int, default=None, help="held-out prompts per evaluation")
     g.add_argument("--heldout_images", type=int, default=None, help="real images for the toy FID")
     g.add_argument("--reference_steps", type=int, default=None, help="teacher DDIM steps of the reference")
     g.add_argument("--eval_seed", type=int, default=0, help="noise seed of the evaluation images")
-    g.add_argument("--target_euler", type=int, default=None, help="Euler steps of the target (default 8, else the most)")
+    g.add_argument(
+        "--target_euler", type=int, default=None, help="Euler steps of the target (default 8, else the most)"
+    )
     g.add_argument("--target_accuracy", type=float, default=None, help="default: the teacher's DDIM reference accuracy")
     g.add_argument("--loss_tail", type=float, default=None, help="end fraction of training for the loss spread (0.2)")
     args = parser.parse_args(argv)
@@ -224,6 +230,7 @@ def main(args: argparse.Namespace) -> dict:
     from flow_lune.ablation.arms import ARMS, arm_flags, check_arms, uses_assessor
     from flow_lune.ablation.checkpoint_eval import EvalSettings, evaluate_student, load_context, load_unet
     from flow_lune.ablation.study import (
+        check_study_file,
         parse_script_args,
         prune_checkpoints,
         read_json,
@@ -234,7 +241,6 @@ def main(args: argparse.Namespace) -> dict:
         train_assessor,
         write_json,
     )
-    from flow_lune.ablation.study import check_study_file as check_study
 
     started = time.perf_counter()
     if args.threads is not None:
@@ -256,7 +262,7 @@ def main(args: argparse.Namespace) -> dict:
     shared["eval"] = vars(settings)
 
     # 1. The study folder: a restart must use the same shared settings
-    check_study(root, shared)
+    check_study_file(root, shared)
 
     # 2. Teacher, judge and the toy training images (shared by every run)
     teacher, judge = prepare_models(args, root)
@@ -324,7 +330,9 @@ def main(args: argparse.Namespace) -> dict:
         else f"the teacher's DDIM {settings.reference_steps} accuracy",
         "euler_steps": args.target_euler,
     }  # fmt: skip
-    gathered, lambdas = rep.build_results(root, args.arms, seeds, args.eval_at, target, args.loss_tail, untrained, guided)
+    gathered, lambdas = rep.build_results(
+        root, args.arms, seeds, args.eval_at, target, args.loss_tail, untrained, guided
+    )
     results = {
         "command": shlex.join(["python", "experiments/ablation.py", *args.argv]),
         "git": git_state(),

@@ -41,7 +41,9 @@ class EvalSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("num_prompts", "heldout_images"):
             if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2 (a Frechet distance needs two images), got {getattr(self, name)}.")
+                raise ValueError(
+                    f"{name} must be >= 2 (a Frechet distance needs two images), got {getattr(self, name)}."
+                )
 
 
 @dataclass
@@ -103,7 +105,9 @@ def load_context(teacher_dir: str | os.PathLike, judge_dir: str | os.PathLike, s
         return EvalContext(settings, teacher, judge, prompts, noise, real, reference, saved["metrics"])
 
     runner = make_runner("teacher", teacher, "ddim")
-    reference, ips = sample_all(runner, prompts, noise, settings.reference_steps, settings.guidance, settings.batch_size)
+    reference, ips = sample_all(
+        runner, prompts, noise, settings.reference_steps, settings.guidance, settings.batch_size
+    )
     context = EvalContext(settings, teacher, judge, prompts, noise, real, reference, {})
     metrics = {str(settings.reference_steps): _setting_metrics(context, reference, ips, with_reference=False)}
     for steps in settings.euler_steps:

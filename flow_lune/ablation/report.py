@@ -157,11 +157,17 @@ def plot_quality(results: Mapping[str, Any], path: Path) -> Path:
                 points = summary["curves"][metric][str(e)]
                 xs = sorted(int(s) for s in points)
                 mean = [points[str(s)]["mean"] for s in xs]
-                low = [points[str(s)]["low"] if points[str(s)]["low"] is not None else points[str(s)]["mean"] for s in xs]
-                high = [points[str(s)]["high"] if points[str(s)]["high"] is not None else points[str(s)]["mean"] for s in xs]
+                low = [
+                    points[str(s)]["low"] if points[str(s)]["low"] is not None else points[str(s)]["mean"] for s in xs
+                ]
+                high = [
+                    points[str(s)]["high"] if points[str(s)]["high"] is not None else points[str(s)]["mean"] for s in xs
+                ]
                 (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"arm {arm}")
                 ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            ax.set_xscale("symlog", linthresh=max(1, min((int(s) for s in results["eval_steps"] if int(s) > 0), default=1)))
+            ax.set_xscale(
+                "symlog", linthresh=max(1, min((int(s) for s in results["eval_steps"] if int(s) > 0), default=1))
+            )
             ax.grid(alpha=0.3)
             ax.set_title(f"{METRIC_LABELS[metric]}, Euler {e}", fontsize="small")
             if row == len(CHART_METRICS) - 1:
@@ -180,7 +186,9 @@ def plot_lambda_arms(lambda_records: Mapping[str, Sequence[Mapping]], path: Path
     axes = figure.subplots(len(lambda_records), 1, squeeze=False)[:, 0]
     for ax, (arm, records) in zip(axes, lambda_records.items()):
         for s in lambda_series(records):
-            ax.plot(s.x, s.y, label=s.label, color=s.color, linestyle=s.linestyle, linewidth=s.linewidth, zorder=s.zorder)
+            ax.plot(
+                s.x, s.y, label=s.label, color=s.color, linestyle=s.linestyle, linewidth=s.linewidth, zorder=s.zorder
+            )
         ax.set(title=f"arm {arm}: lambda_b (mean over seeds)", xlabel="training step", ylabel="lambda_b")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)

@@ -81,4 +81,11 @@ def loss_spread(records: Sequence[Mapping], key: str, tail: float) -> dict:
         raise ValueError(f"the last {tail:.0%} of training holds {len(values)} {key!r} records; log more often.")
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return {"key": key, "from_step": math.floor(start) + 1, "to_step": last, "count": len(values), "mean": mean, "std": std}
+    return {
+        "key": key,
+        "from_step": math.floor(start) + 1,
+        "to_step": last,
+        "count": len(values),
+        "mean": mean,
+        "std": std,
+    }

@@ -75,7 +75,7 @@ def check_study_file(root: Path, shared: dict) -> None:
 
 
 def parse_script_args(parse_args: Callable[[list[str]], argparse.Namespace], argv: list[str], what: str):
-    """``parse_args(argv)`` of a training script; its argument errors (ValueError or the parser's exit) as ValueError."""
+    """``parse_args(argv)`` of a training script; its argument errors (ValueError or parser exit) as ValueError."""
     try:
         return parse_args(list(argv))
     except SystemExit as err:
