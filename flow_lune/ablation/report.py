@@ -165,9 +165,9 @@ def plot_quality(results: Mapping[str, Any], path: Path) -> Path:
                 ]
                 (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"arm {arm}")
                 ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            ax.set_xscale(
-                "symlog", linthresh=max(1, min((int(s) for s in results["eval_steps"] if int(s) > 0), default=1))
-            )
+            ticks = [int(s) for s in results["eval_steps"]]
+            ax.set_xscale("symlog", linthresh=min([s for s in ticks if s > 0], default=1))  # 0 linear, then log
+            ax.set_xticks(ticks, labels=[str(s) for s in ticks], fontsize="x-small")
             ax.grid(alpha=0.3)
             ax.set_title(f"{METRIC_LABELS[metric]}, Euler {e}", fontsize="small")
             if row == len(CHART_METRICS) - 1:
