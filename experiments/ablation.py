@@ -290,8 +290,10 @@ def main(args: argparse.Namespace) -> dict:
 
     # 4. The assessor, once, when an arm uses it
     guided = [a for a in args.arms if uses_assessor(ARMS[a])]
+    assessor_seconds = None
     if guided:
         train_assessor(load_script("train_assessor.py"), assessor_args(args, teacher, data, cache), assessor_dir)
+        assessor_seconds = read_json(assessor_dir / "ablation_done.json")["seconds"]
 
     # 5. The teacher's reference and the untrained student (step 0 of every curve)
     context = load_context(teacher, judge, settings, root / "reference")
@@ -312,8 +314,13 @@ def main(args: argparse.Namespace) -> dict:
                 if out.is_file():
                     continue
                 print(f"[ablation] {run_dir.name}: evaluating step {step}", flush=True)
-                unet = load_unet(student_folder(train_dir, step, args.max_train_steps))
-                write_json(out, {**evaluate_student(context, unet, shift), "training_step": step})
+                start = time.perf_counter()
+                folder = student_folder(train_dir, step, args.max_train_steps)
+                record = evaluate_student(context, load_unet(folder), shift)
+                seconds = time.perf_counter() - start  # for sizing later studies
+                write_json(
+                    out, {**record, "training_step": step, "unet": str(folder.relative_to(root)), "seconds": seconds}
+                )
             prune_checkpoints(train_dir, args.eval_at)
 
     # 7. The arms as they ran: each seed's args.json compared pairwise again
@@ -345,7 +352,15 @@ def main(args: argparse.Namespace) -> dict:
         "untrained": untrained,
         "arm_check": {"resolved_before": before, "args_json": after},
         **gathered,
-        "study_seconds_this_start": time.perf_counter() - started,
+        "seconds": {  # wall times, for sizing the next study
+            "assessor": assessor_seconds,
+            "train": {name: run["train_seconds"] for name, run in gathered["runs"].items()},
+            "evaluations": {
+                name: {step: e.get("seconds") for step, e in run["evals"].items() if step != "0"}
+                for name, run in gathered["runs"].items()
+            },
+            "this_start": time.perf_counter() - started,
+        },
     }
     out_dir = root / "report"
     write_json(out_dir / "results.json", results)

@@ -157,8 +157,15 @@ def prune_checkpoints(train_dir: Path, keep_steps: Sequence[int]) -> list[Path]:
 
 
 def student_folder(train_dir: Path, step: int, max_train_steps: int) -> Path:
-    """The UNet folder of a run at ``step``: the exported pipeline's at the end, a checkpoint's before."""
-    folder = train_dir / ("pipeline" if step == max_train_steps else f"checkpoint-{step}") / "unet"
+    """The UNet folder of a run at ``step``: the exported pipeline's at the end, a checkpoint's before.
+
+    A checkpoint's EMA weights (``unet_ema/``, with ``--use_ema``) are taken when present, as the export does.
+    """
+    if step == max_train_steps:
+        folder = train_dir / "pipeline" / "unet"
+    else:
+        ckpt = train_dir / f"checkpoint-{step}"
+        folder = ckpt / "unet_ema" if (ckpt / "unet_ema").is_dir() else ckpt / "unet"
     if not folder.is_dir():
         raise ValueError(f"{folder} is missing: the run did not save step {step} (check --checkpointing_steps).")
     return folder
