@@ -129,10 +129,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--guidance must be >= 1, got {args.guidance}")
     if args.num_prompts < 2 or args.heldout_images < 2:
         parser.error("--num_prompts and --heldout_images must be >= 2 (a Frechet distance needs two images)")
-    for name in ("teacher", "judge"):
+    from flow_lune.toy import judge_path, teacher_path
+
+    for name, shipped in (("teacher", teacher_path), ("judge", judge_path)):
         value = getattr(args, name)
         if value not in ("toy", "tiny") and not Path(value).is_dir():
             parser.error(f"--{name} {value!r}: pass 'toy', 'tiny' or an existing folder")
+        if value == "toy":
+            try:
+                shipped()
+            except FileNotFoundError as err:
+                parser.error(f"--{name} toy: {err}")
     return args
 
 

@@ -74,7 +74,9 @@ def check_study_file(root: Path, shared: dict) -> None:
     write_json(path, shared)
 
 
-def parse_script_args(parse_args: Callable[[list[str]], argparse.Namespace], argv: list[str], what: str):
+def parse_script_args(
+    parse_args: Callable[[list[str]], argparse.Namespace], argv: list[str], what: str
+) -> argparse.Namespace:
     """``parse_args(argv)`` of a training script; its argument errors (ValueError or parser exit) as ValueError."""
     try:
         return parse_args(list(argv))
