@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -194,8 +195,14 @@ def test_resume_latest_without_checkpoints_starts_fresh_and_refuses_overwrites(t
     run(out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest",
         "--no_single_file")  # fmt: skip
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
-    with pytest.raises(ValueError, match="finished run"):
+    # The same command again (with or without --resume_from_checkpoint) is a finished run: accepted, and main
+    # says so at once; other flags on the same folder are refused through the parser.
+    args = train_flow_distill.parse_args(base_args(out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps",
+                                                   "1", "--no_single_file"))  # fmt: skip
+    assert train_flow_distill.main(args) == out / "pipeline"
+    with pytest.raises(SystemExit) as exc:
         train_flow_distill.parse_args(base_args(out, cache_dir, "--resume_from_checkpoint", "latest"))
+    assert exc.value.code == 2
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -245,9 +252,15 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, cache_dir, mon
         (["--pretrained_teacher_model", "/nonexistent/teacher.safetensors"], "does not exist"),
     ],
 )
-def test_contradictory_flags_fail_before_any_work(tmp_path, cache_dir, extra, match):
-    with pytest.raises(ValueError, match=match):
+def test_contradictory_flags_fail_before_any_work(tmp_path, cache_dir, extra, match, capsys):
+    """Through the parser: one "error:" line naming the flag, exit 2, nothing written."""
+    with pytest.raises(SystemExit) as exc:
         train_flow_distill.parse_args(base_args(tmp_path / "never", cache_dir, *extra))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert re.search(match, line), line
+    assert "Traceback" not in err
     assert not (tmp_path / "never").exists()
 
 
