@@ -41,6 +41,7 @@ from flow_lune.training.cli import (
 )
 from flow_lune.training.run_state import (
     PIPELINE_DIRNAME,
+    SINGLE_FILE_NAME,
     TrainingFailed,
     check_output_dir,
     completion_message,
@@ -461,6 +462,7 @@ def main(args: argparse.Namespace) -> Path:
         log_validation(
             accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
             args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
+            samples_for=None if args.no_single_file else SINGLE_FILE_NAME,
         )  # fmt: skip
         training_log.close()
         plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)

@@ -143,13 +143,15 @@ KILLER = textwrap.dedent(
     t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(t)
 
-    def save_then_die(accelerator, output_dir, step, total_limit, _orig=t.save_checkpoint):
+    import flow_lune.training.checkpoints as c  # main() imports save_checkpoint from here when it runs
+
+    def save_then_die(accelerator, output_dir, step, total_limit, _orig=c.save_checkpoint):
         if step == {kill_step}:  # killed while writing: the state is in checkpoint-N.tmp, never renamed
             accelerator.save_state(str(Path(output_dir) / f"checkpoint-{{step}}.tmp"))
             os.kill(os.getpid(), signal.SIGKILL)
         return _orig(accelerator, output_dir, step, total_limit)
 
-    t.save_checkpoint = save_then_die
+    c.save_checkpoint = save_then_die
     t.main(t.parse_args(sys.argv[1:]))
     """
 )

@@ -135,15 +135,15 @@ def check_shared_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--pretrained_teacher_model {teacher!r} does not exist; pass a folder, file or Hub id.")
         if single_file:
             check_path_kind("--pretrained_teacher_model", teacher, folder=False)
+    data_args = argparse.Namespace(**vars(args))
+    data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
+    DataConfig.from_args(data_args).check()
     if getattr(args, "teacher_config", None) is not None:
         check_path_kind("--teacher_config", args.teacher_config, folder=True)
     if args.prompts_file is not None:
         check_path_kind("--prompts_file", args.prompts_file, folder=False)
     if args.train_data_dir is not None:
         check_path_kind("--train_data_dir", args.train_data_dir, folder=True)
-    data_args = argparse.Namespace(**vars(args))
-    data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
-    DataConfig.from_args(data_args).check()
 
 
 def check_path_kind(flag: str, value: str, folder: bool) -> None:
