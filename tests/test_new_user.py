@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -273,3 +274,73 @@ def test_a_folder_where_a_file_is_expected_says_so(tmp_path, cache_dir, flag):
     assert result.returncode == 2
     assert "is a folder, not a file" in one_error_line(result)
     assert not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------- the README's Python blocks; one recommendation
+
+
+def readme_python_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_blocks_run_after_a_training_run(tmp_path, finished):
+    """Every ```python block of the README, run as written in a folder holding the quickstart's output folder."""
+    blocks = readme_python_blocks()
+    assert any("flow-lune-output/pipeline" in b for b in blocks)
+    (tmp_path / "flow-lune-output").symlink_to(finished, target_is_directory=True)
+    runner = tmp_path / "run_blocks.py"
+    runner.write_text(
+        "import json, sys, warnings\n"
+        "warnings.simplefilter('error', FutureWarning)  # a deprecated keyword in the README fails the test\n"
+        "for i, block in enumerate(json.load(open(sys.argv[1]))):\n"
+        "    exec(compile(block, f'README block {i}', 'exec'), {'__name__': '__main__'})\n"
+    )
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(runner), "blocks.json"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "lighthouse.png").size == (64, 64)  # the example saves its image
+
+
+def test_one_sampling_recommendation_everywhere(finished):
+    """README, model card, the single file's metadata and the ComfyUI workflow give SAMPLING's steps, guidance
+    and shift."""
+    from safetensors import safe_open
+
+    from flow_lune.settings import SAMPLING
+
+    steps, cfg, shift = SAMPLING.steps, SAMPLING.guidance_scale, SAMPLING.shift
+    readme = (REPO / "README.md").read_text()
+    (example,) = [b for b in readme_python_blocks() if "flow-lune-output/pipeline" in b]
+    assert f"num_inference_steps={steps}," in example and f"guidance_scale={cfg:g})" in example
+    assert f"{steps} Euler steps, guidance\n{cfg:g}" in readme or f"{steps} Euler steps, guidance {cfg:g}" in readme
+    card = (finished / "pipeline" / "README.md").read_text()
+    assert f"**Sampling:** {steps} Euler steps, guidance {cfg:g}, shift {shift:g}" in card
+    assert f"num_inference_steps={steps}, guidance_scale={cfg:g}" in card
+    assert "TODO" not in card and "/tmp" not in card and str(Path.home()) not in card
+    with safe_open(str(finished / "flow_lune.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (int(meta["flow_lune.steps"]), float(meta["flow_lune.cfg"]), float(meta["flow_lune.shift"])) == (
+        steps, cfg, shift,
+    )  # fmt: skip
+    graph = json.loads((finished / "flow_lune.workflow.json").read_text())
+    (sampler,) = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
+    (sd3,) = [n["inputs"] for n in graph.values() if n["class_type"] == "ModelSamplingSD3"]
+    assert (sampler["steps"], sampler["cfg"], sd3["shift"]) == (steps, cfg, shift)
+
+
+def test_final_samples_carry_the_comfyui_graph_of_the_exported_file(finished):
+    from PIL import Image
+
+    image = Image.open(finished / "samples" / "prompt-0.png")
+    api = json.loads(image.text["prompt"])
+    (loader,) = [n["inputs"] for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert loader["ckpt_name"] == "flow_lune.safetensors"
+    texts = [n["inputs"]["text"] for n in api.values() if n["class_type"] == "CLIPTextEncode"]
+    assert "a red square" in texts
+    assert "nodes" in json.loads(image.text["workflow"])  # the editor format ComfyUI prefers on drop
+    assert not any("prompt" in Image.open(p).text for p in (finished / "validation").glob("*.png"))
