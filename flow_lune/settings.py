@@ -34,11 +34,11 @@ BASE_BLOCK_WEIGHTS: tuple[float, ...] = (0.7, 0.9, 1.0, 1.1, 1.2, 1.1, 1.0, 0.9,
 def check_sigma_settings(density: str, shift: float, logit_std: float) -> None:
     """ValueError for an unknown density, a non-positive shift or logit std."""
     if density not in DENSITIES:
-        raise ValueError(f"Unknown sigma density (--weighting_scheme) {density!r}; choose one of {DENSITIES}.")
+        raise ValueError(f"Unknown sigma density {density!r} (--weighting_scheme); choose one of {DENSITIES}.")
     if not shift > 0:
-        raise ValueError(f"shift (--shift) must be > 0, got {shift}; use 1.0 for no shift.")
+        raise ValueError(f"shift must be > 0 (--shift), got {shift}; use 1.0 for no shift.")
     if not logit_std > 0:
-        raise ValueError(f"logit_std (--logit_std) must be > 0, got {logit_std}.")
+        raise ValueError(f"logit_std must be > 0 (--logit_std), got {logit_std}.")
 
 
 # ---------------------------------------------------------------- fusion (training/fusion.py)
