@@ -251,6 +251,10 @@ def main(args: argparse.Namespace) -> Path:
                 + (f", {result.single_file}" if result.single_file else ""),
                 file=sys.stderr,
             )
+            if args.push_to_hub:
+                from flow_lune.training.export import push_to_hub
+
+                push_to_hub(output_dir, args.hub_model_id, token=os.environ.get("HF_TOKEN"))
         return output_dir / PIPELINE_DIRNAME
 
     print(f"Flow Lune: training into {output_dir}; loading libraries and the teacher...", file=sys.stderr, flush=True)

@@ -98,7 +98,8 @@ def check_output_dir(output_dir: str | os.PathLike, requested: dict[str, Any], r
         raise ValueError(f"{flag} is a file, not a folder; pass a folder path.")
     if overwrite or not root.is_dir():
         return
-    for record, what in ((finished_run(root), "a finished run"), (interrupted_export(root), "an interrupted export")):
+    exporting = interrupted_export(root) if (root / PIPELINE_DIRNAME).is_dir() else None  # training done
+    for record, what in ((finished_run(root), "a finished run"), (exporting, "an interrupted export")):
         if record is None:
             continue
         differ = differing_flags(record.get("args", {}), requested)
@@ -109,8 +110,9 @@ def check_output_dir(output_dir: str | os.PathLike, requested: dict[str, Any], r
                 "or use a new --output_dir."
             )
         return
+    ours = (root / PLAN_NAME).exists()  # an export that stopped before pipeline/: nothing of it is in place
     for name in EXPORT_NAMES:
-        if (root / name).exists():
+        if (root / name).exists() and not ours:
             kind = "folder" if (root / name).is_dir() else "file"
             raise ValueError(
                 f"{flag} already holds the {kind} {name!r}, which this run would write; move it away, "
