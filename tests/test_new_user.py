@@ -28,14 +28,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache (tiny teacher, generated latents, embeddings) shared by every run of this module."""
-    return tmp_path_factory.mktemp("flow-lune-cache")
+def cache_dir(trainer_cache) -> Path:
+    """The session's trainer cache (tiny teacher, generated latents, embeddings), shared with the other modules."""
+    return trainer_cache
 
 
 def tiny_args(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """test_trainer.py's data flags (the same cached latents), two steps."""
     return [
-        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--num_generated", "4",
+        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--num_generated", "8",
         "--generation_steps", "2", "--train_batch_size", "2", "--report_to", "none",
         "--num_validation_inference_steps", "2", "--validation_prompts", "a red square", "--max_train_steps", "2",
         "--learning_rate", "1e-4", "--seed", "3", *extra,
@@ -130,31 +131,19 @@ class Killed(BaseException):
     """Stands in for SIGKILL: not an Exception, so nothing on the way catches it."""
 
 
-@pytest.mark.parametrize("kill_at", ["after_pipeline", "after_single_file"])
-def test_export_killed_at_any_point_is_finished_by_rerunning(tmp_path, cache_dir, monkeypatch, kill_at):
+def test_export_killed_after_pipeline_is_finished_by_rerunning(tmp_path, cache_dir, monkeypatch):
     from flow_lune.training import export
 
     out = tmp_path / "out"
-    if kill_at == "after_pipeline":
-        real = export.export_single_file
 
-        def killed(*args, **kwargs):
-            raise Killed
+    def killed(*args, **kwargs):
+        raise Killed
 
-        monkeypatch.setattr(export, "export_single_file", killed)
-    else:
-        real = export.atomic_text
-
-        def killed(path, *args, **kwargs):
-            if Path(path).name == COMPLETE_NAME:
-                raise Killed
-            return real(path, *args, **kwargs)
-
-        monkeypatch.setattr(export, "atomic_text", killed)
+    monkeypatch.setattr(export, "export_single_file", killed)  # dies right after pipeline/ is renamed into place
     with pytest.raises(Killed):
         run(out, cache_dir, "--checkpointing_steps", "2")
     assert (out / "pipeline" / "model_index.json").is_file() and (out / PLAN_NAME).is_file()
-    assert not (out / COMPLETE_NAME).exists()
+    assert not (out / COMPLETE_NAME).exists() and not (out / "flow_lune.safetensors").exists()
     pipeline_before = snapshot(out / "pipeline")
     monkeypatch.undo()
     # Re-running the same command (here with --resume_from_checkpoint latest, as a user would after a kill)
@@ -163,8 +152,22 @@ def test_export_killed_at_any_point_is_finished_by_rerunning(tmp_path, cache_dir
     assert_complete(out)
     assert snapshot(out / "pipeline") == pipeline_before
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    # And then it is a finished run.
-    assert run(out, cache_dir, "--checkpointing_steps", "2") == out / "pipeline"
+    assert run(out, cache_dir, "--checkpointing_steps", "2") == out / "pipeline"  # and now it is finished
+
+
+def test_export_killed_after_the_single_file_is_finished_by_rerunning(tmp_path, finished, cache_dir):
+    """Killed after flow_lune.safetensors, before its workflows and the completion record (no training needed to
+    stage that: the finished run's folder without them is what such a kill leaves)."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    for name in (COMPLETE_NAME, "flow_lune.workflow.json", "flow_lune.workflow-editor.json"):
+        (out / name).unlink()
+    pipeline_before = snapshot(out / "pipeline")
+    run(out, cache_dir, "--checkpointing_steps", "1")  # the same command again
+    assert_complete(out)
+    assert snapshot(out / "pipeline") == pipeline_before
+    graph = json.loads((out / "flow_lune.workflow.json").read_text())
+    assert any(n["class_type"] == "ModelSamplingSD3" for n in graph.values())
 
 
 # ---------------------------------------------------------------- inputs that must fail early

@@ -32,9 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache (tiny teacher, generated latents, embeddings) shared by every run of this module."""
-    return tmp_path_factory.mktemp("flow-lune-cache")
+def cache_dir(trainer_cache) -> Path:
+    """The session's trainer cache (tiny teacher, generated latents, embeddings), shared with the other modules."""
+    return trainer_cache
 
 
 def base_args(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
