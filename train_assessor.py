@@ -14,28 +14,37 @@ other samples disagree (InfoNCE). It writes ``config.json``, ``model.safetensors
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-import torch
-from accelerate.logging import get_logger
-from tqdm.auto import tqdm
-
-from flow_lune.training.assessor import AssessorConfig
-from flow_lune.training.assessor_training import AssessorTrainingConfig
+# Only torch-free modules here: --help and argument errors return before torch, diffusers or accelerate load.
+from flow_lune.settings import (
+    ASSESSOR_EMBED_DIM,
+    ASSESSOR_HIDDEN_DIM,
+    ASSESSOR_NUM_BINS,
+    ASSESSOR_NUM_PATTERNS,
+    INFONCE_TEMPERATURE,
+    TIMESTEP_LABEL_WIDTH,
+    VIEW_NOISE_MIX,
+    VIEW_SIGMA_JITTER,
+)
 from flow_lune.training.cli import (
     add_data_arguments,
     add_sigma_arguments,
     add_teacher_arguments,
     check_shared_arguments,
+    quiet_third_party,
+    run_script,
     start_run,
 )
 
-logger = get_logger(__name__)
+logger = None  # accelerate's logger, made in main() once accelerate is imported
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the Flow Lune assessor on a teacher's block features.")
+    parser = argparse.ArgumentParser(
+        description="Train the Flow Lune assessor on a teacher's block features.",
+        usage="%(prog)s [-h] [--output_dir DIR] [--pretrained_teacher_model ID_OR_PATH] [options]",  # short: errors
+    )
 
     # ----------Model, data and sigmas: the trainer's flags (training/cli.py)----------
     add_teacher_arguments(parser)
@@ -43,40 +52,32 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add_sigma_arguments(parser)
 
     # ----------Assessor----------
+    parser.add_argument("--embed_dim", type=int, default=ASSESSOR_EMBED_DIM, help="Size of each block's embedding.")
+    parser.add_argument("--hidden_dim", type=int, default=ASSESSOR_HIDDEN_DIM, help="Hidden width of each companion.")
+    parser.add_argument("--num_bins", type=int, default=ASSESSOR_NUM_BINS, help="Sigma bins of the timestep head.")
     parser.add_argument(
-        "--embed_dim", type=int, default=AssessorConfig.embed_dim, help="Size of each block's embedding."
-    )
-    parser.add_argument(
-        "--hidden_dim", type=int, default=AssessorConfig.hidden_dim, help="Hidden width of each companion."
-    )
-    parser.add_argument(
-        "--num_bins", type=int, default=AssessorConfig.num_bins, help="Sigma bins of the timestep head."
-    )
-    parser.add_argument(
-        "--num_patterns", type=int, default=AssessorConfig.num_patterns, help="Patterns (k-means clusters) per block."
+        "--num_patterns", type=int, default=ASSESSOR_NUM_PATTERNS, help="Patterns (k-means clusters) per block."
     )
     parser.add_argument(
         "--cluster_samples", type=int, default=1024, help="Teacher states for feature statistics and k-means."
     )
-    parser.add_argument(
-        "--temperature", type=float, default=AssessorTrainingConfig.temperature, help="InfoNCE temperature."
-    )
+    parser.add_argument("--temperature", type=float, default=INFONCE_TEMPERATURE, help="InfoNCE temperature.")
     parser.add_argument(
         "--view_sigma_jitter",
         type=float,
-        default=AssessorTrainingConfig.view_sigma_jitter,
+        default=VIEW_SIGMA_JITTER,
         help="Second view: sigma + jitter * N(0,1).",
     )
     parser.add_argument(
         "--view_noise_mix",
         type=float,
-        default=AssessorTrainingConfig.view_noise_mix,
+        default=VIEW_NOISE_MIX,
         help="Second view: share of fresh noise.",
     )
     parser.add_argument(
         "--timestep_label_width",
         type=float,
-        default=AssessorTrainingConfig.timestep_label_width,
+        default=TIMESTEP_LABEL_WIDTH,
         help="Soft bin targets' std, in bins.",
     )
     parser.add_argument(
@@ -99,8 +100,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logging_steps", type=int, default=10, help="Log every N steps.")
 
     args = parser.parse_args(input_args)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))  # one "error: ..." line, exit 2
+    return args
 
-    # ----------Checks (before any work)----------
+
+def check_args(args: argparse.Namespace) -> None:
+    """One clear ValueError for out-of-range flags or a taken --output_dir, before any work (no torch import)."""
     if args.train_batch_size < 2:
         raise ValueError(f"--train_batch_size must be >= 2 (in-batch negatives), got {args.train_batch_size}.")
     if args.max_train_steps < 1:
@@ -120,7 +128,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     taken = [n for n in ("config.json", "model.safetensors", "profile.json", "profile.png") if (out / n).exists()]
     if taken:
         raise ValueError(f"--output_dir {out} already holds {taken}; choose a new folder (nothing is overwritten).")
-    return args
 
 
 def teacher_states(dataset, indices, sigma, generator, uncond_prob, empty_embeds):
@@ -132,11 +139,18 @@ def teacher_states(dataset, indices, sigma, generator, uncond_prob, empty_embeds
 
 
 def main(args: argparse.Namespace) -> None:
+    print(f"Flow Lune assessor: training into {args.output_dir}; loading libraries and the teacher...", flush=True)
+    quiet_third_party()
+    global logger
+    import torch
+    from accelerate.logging import get_logger
     from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
 
     from flow_lune.flow import SigmaSampler, flow_state
-    from flow_lune.training.assessor import Assessor
+    from flow_lune.training.assessor import Assessor, AssessorConfig
     from flow_lune.training.assessor_training import (
+        AssessorTrainingConfig,
         TeacherBlockFeatures,
         assessor_loss,
         initialise_from_features,
@@ -146,6 +160,8 @@ def main(args: argparse.Namespace) -> None:
     from flow_lune.training.data import DataConfig, collate, drop_prompts, prepare_training_data
     from flow_lune.training.models import load_teacher_from_args, teacher_resolution
     from flow_lune.training.profile import ProfileAccumulator, save_profile, stratified_sigmas
+
+    logger = get_logger(__name__)
 
     # 1. Accelerator, logging, seed, output folder
     output_dir = Path(args.output_dir)
@@ -303,5 +319,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main(parse_args())
+    run_script(main, parse_args)

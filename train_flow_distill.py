@@ -15,29 +15,20 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
-import torch
-from accelerate.logging import get_logger
-from tqdm.auto import tqdm
-
-from flow_lune.atomic import atomic_text
-from flow_lune.flow import (
+# Only torch-free modules here: --help and argument errors return before torch, diffusers or accelerate load.
+from flow_lune.settings import (
     ADAPTIVE_JITTER,
+    BASE_BLOCK_WEIGHTS,
     BASE_JITTER,
+    BLOCK_PENALTY_WEIGHT,
+    KD_WEIGHT,
     LOSS_WEIGHTINGS,
     RELIABILITY_THRESHOLD,
-    EpsilonToFlowUNet,
-    SigmaSampler,
-)
-from flow_lune.training.block_features import BASE_BLOCK_WEIGHTS, BlockFeatureHooks
-from flow_lune.training.block_penalty import build_block_penalty
-from flow_lune.training.checkpoints import (
-    EpochShuffleSampler,
-    list_checkpoints,
-    register_checkpoint_hooks,
-    resume_position,
-    save_checkpoint,
+    SAMPLING,
+    FusionConfig,
 )
 from flow_lune.training.cli import (
     add_data_arguments,
@@ -45,26 +36,25 @@ from flow_lune.training.cli import (
     add_sigma_arguments,
     add_teacher_arguments,
     check_shared_arguments,
+    quiet_third_party,
     resolve_objective_defaults,
+    run_script,
     start_run,
 )
-from flow_lune.training.export import (
+from flow_lune.training.run_state import (
     PIPELINE_DIRNAME,
-    SUMMARY_FLAGS,
-    export_final,
-    final_student,
-    push_to_hub,
-    recommended_sampling,
+    SINGLE_FILE_NAME,
+    TrainingFailed,
+    check_output_dir,
+    completion_message,
+    finished_run,
+    interrupted_export,
+    remove_set_aside,
+    requested_arguments,
+    set_aside,
 )
-from flow_lune.training.fusion import FusionConfig
-from flow_lune.training.metrics import TrainingLog, read_metrics
-from flow_lune.training.objective import ObjectiveConfig
-from flow_lune.training.plots import plot_training
-from flow_lune.training.seeds import RandomStreams
-from flow_lune.training.step import DistillationStep, ReflowStep
-from flow_lune.training.validation import log_validation
 
-logger = get_logger(__name__, log_level="INFO")
+logger = None  # accelerate's logger, made in main() once accelerate is imported
 
 DEFAULT_VALIDATION_PROMPTS = (
     "a photograph of a lighthouse on a cliff at sunset",
@@ -73,7 +63,10 @@ DEFAULT_VALIDATION_PROMPTS = (
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Flow Lune: distil an epsilon SD1.5 teacher into a flow student.")
+    parser = argparse.ArgumentParser(
+        description="Flow Lune: distil an epsilon SD1.5 teacher into a flow student.",
+        usage="%(prog)s [-h] [--output_dir DIR] [--pretrained_teacher_model ID_OR_PATH] [options]",  # short: errors
+    )
 
     # ----------Model Arguments----------
     add_teacher_arguments(parser)
@@ -89,15 +82,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     # ----------Objective Arguments----------
     add_sigma_arguments(parser)
     parser.add_argument("--loss_weighting", type=str, default="none", choices=LOSS_WEIGHTINGS)
-    parser.add_argument("--kd_weight", type=float, default=ObjectiveConfig.kd_weight, help="Weight of sum_b w_b KD_b.")
+    parser.add_argument("--kd_weight", type=float, default=KD_WEIGHT, help="Weight of sum_b w_b KD_b.")
     parser.add_argument(
         "--block_penalty_weight",
         type=float,
-        default=ObjectiveConfig.block_penalty_weight,
+        default=BLOCK_PENALTY_WEIGHT,
         help="Weight of sum_b lambda_b KD_b.",
     )
     parser.add_argument(
-        "--base_block_weights", type=float, nargs=9, default=list(BASE_BLOCK_WEIGHTS), help="w_b of the 9 blocks."
+        "--base_block_weights",
+        type=float,
+        nargs=9,
+        default=list(BASE_BLOCK_WEIGHTS),
+        metavar="W",
+        help="w_b of the 9 blocks.",
     )
     add_objective_arguments(parser)  # --objective distill|reflow, --reflow_data (docs/reflow.md)
     # ----------Assessor Arguments----------
@@ -121,6 +119,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     # ----------Training Arguments----------
     parser.add_argument("--output_dir", type=str, default="flow-lune-output")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start over in --output_dir: the old folder is set aside once the flags are checked and deleted once "
+        "the new run has started. Without it, repeating the command of a finished run says so and exits.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seeds data order, sigmas, noise, dropout, caches.")
     parser.add_argument("--train_batch_size", type=int, default=4, help="Per process.")
     parser.add_argument("--num_train_epochs", type=int, default=1)
@@ -162,20 +166,28 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--validation_steps", type=int, default=500, help="Teacher/student grid every N steps and at the end."
     )
     parser.add_argument("--validation_prompts", type=str, nargs="+", default=list(DEFAULT_VALIDATION_PROMPTS))
-    parser.add_argument("--num_validation_inference_steps", type=int, default=20)
-    parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    parser.add_argument(
+        "--num_validation_inference_steps", type=int, default=SAMPLING.steps, help="The recommended sampling steps."
+    )
+    parser.add_argument(
+        "--validation_guidance_scale", type=float, default=SAMPLING.guidance_scale, help="The recommended guidance."
+    )
     parser.add_argument("--no_single_file", action="store_true", help="Skip the single-file + workflow export.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output once, at the end.")
     parser.add_argument("--hub_model_id", type=str, default=None, help="Repository id; the token comes from HF_TOKEN.")
 
     args = parser.parse_args(input_args)
-    resolve_objective_defaults(args)  # --kd_weight, --block_penalty_weight, --uncond_prob depend on --objective
-    check_args(args)
+    try:
+        resolve_objective_defaults(args)  # --kd_weight, --block_penalty_weight, --uncond_prob depend on --objective
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))  # one "error: ..." line, exit 2
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """One clear ValueError for contradictory or out-of-range flags, before any work."""
+    """One clear ValueError for contradictory or out-of-range flags or an unusable --output_dir, before any work
+    (no torch import); ``parse_args`` reports it through the parser."""
     positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps")
     for name in (*positive, "logging_steps", "num_train_epochs", "max_nonfinite_steps"):
         if getattr(args, name) < 1:
@@ -211,16 +223,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--hub_model_id is given without --push_to_hub; add --push_to_hub or drop the id.")
     if not args.validation_prompts:
         raise ValueError("--validation_prompts needs at least one prompt.")
-    output_dir = Path(args.output_dir)
-    if (output_dir / PIPELINE_DIRNAME).exists():
-        raise ValueError(
-            f"--output_dir {output_dir} already holds a finished run ({PIPELINE_DIRNAME}/); use a new one."
-        )
-    if list_checkpoints(output_dir) and args.resume_from_checkpoint is None:
-        raise ValueError(
-            f"--output_dir {output_dir} holds checkpoints; pass --resume_from_checkpoint latest to continue that run, "
-            "or use a new --output_dir (nothing is overwritten)."
-        )
+    check_output_dir(args.output_dir, requested_arguments(args), args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
 def trackable_config(args: argparse.Namespace) -> dict:
@@ -232,16 +235,78 @@ def trackable_config(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> Path:
+    output_dir = Path(args.output_dir)
+    main_process = os.environ.get("RANK", "0") == "0"  # before accelerate: torchrun/accelerate set RANK
+    requested = requested_arguments(args)  # the flags as given, before main() fills in defaults
+    # 0. A second run of a finished command: say so and stop; an interrupted export: finish it from pipeline/
+    done = None if args.overwrite_output_dir else finished_run(output_dir)
+    if done is not None:
+        if main_process:
+            print(completion_message(output_dir, done), file=sys.stderr)
+        return output_dir / PIPELINE_DIRNAME
+    if not args.overwrite_output_dir and interrupted_export(output_dir) and (output_dir / PIPELINE_DIRNAME).is_dir():
+        if main_process:
+            from flow_lune.training.export import finish_export
+
+            quiet_third_party()
+            result = finish_export(output_dir)
+            print(
+                f"Finished the interrupted export of {output_dir}: {result.pipeline_dir}"
+                + (f", {result.single_file}" if result.single_file else ""),
+                file=sys.stderr,
+            )
+            if args.push_to_hub:
+                from flow_lune.training.export import push_to_hub
+
+                push_to_hub(output_dir, args.hub_model_id, token=os.environ.get("HF_TOKEN"))
+        return output_dir / PIPELINE_DIRNAME
+
+    print(f"Flow Lune: training into {output_dir}; loading libraries and the teacher...", file=sys.stderr, flush=True)
+    quiet_third_party()
+    global logger
+    import torch
+    from accelerate.logging import get_logger
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
 
+    from flow_lune.atomic import atomic_text
+    from flow_lune.flow import EpsilonToFlowUNet, SigmaSampler
+    from flow_lune.training.block_features import BlockFeatureHooks, block_channels
+    from flow_lune.training.block_penalty import build_block_penalty
+    from flow_lune.training.checkpoints import (
+        EpochShuffleSampler,
+        register_checkpoint_hooks,
+        resume_position,
+        save_checkpoint,
+    )
     from flow_lune.training.data import DataConfig, collate, prepare_training_data
+    from flow_lune.training.export import (
+        SUMMARY_FLAGS,
+        export_final,
+        final_student,
+        push_to_hub,
+        recommended_sampling,
+    )
+    from flow_lune.training.metrics import TrainingLog, read_metrics
     from flow_lune.training.models import build_student, load_teacher_from_args, prepare_student, teacher_resolution
+    from flow_lune.training.objective import ObjectiveConfig
     from flow_lune.training.optimization import build_lr_scheduler, build_optimizer
+    from flow_lune.training.plots import plot_training
+    from flow_lune.training.seeds import RandomStreams
+    from flow_lune.training.step import DistillationStep, ReflowStep
+    from flow_lune.training.validation import log_validation
 
-    # 1. Accelerator, logging, seed, output folder
-    output_dir = Path(args.output_dir)
+    logger = get_logger(__name__, log_level="INFO")
+
+    # 1. Accelerator, logging, seed, output folder (an old one set aside with --overwrite_output_dir)
     accelerator = start_run(args, args.gradient_accumulation_steps)
+    set_aside_dir = None
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        set_aside_dir = set_aside(output_dir)
+        if set_aside_dir is not None:
+            logger.info(f"--overwrite_output_dir: the old {output_dir} is set aside as {set_aside_dir}")
+    accelerator.wait_for_everyone()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -272,6 +337,13 @@ def main(args: argparse.Namespace) -> Path:
     teacher_hooks = BlockFeatureHooks(teacher.unet).attach()
     fusion = FusionConfig(args.fusion_alpha, args.fusion_beta, args.fusion_delta, args.lambda_min, args.lambda_max)
     block_penalty = build_block_penalty(args.assessor, args.base_block_weights, fusion, accelerator.device)
+    if args.assessor != "none":  # an assessor reads the student's pooled block features: same channel counts
+        expected, found = block_channels(student), list(block_penalty.assessor.config.block_channels)
+        if expected != found:
+            raise ValueError(
+                f"--assessor {args.assessor} was built for a UNet with block channels {found}; this student has "
+                f"{expected}. Train an assessor on this teacher (train_assessor.py) or pass --assessor none."
+            )
     sigma_sampler = SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)
     if args.timestep_sampling == "adaptive":
         from flow_lune.training.profile import adaptive_sampler_from_profile
@@ -338,8 +410,9 @@ def main(args: argparse.Namespace) -> Path:
     # 8. Resume at the exact batch and step
     global_step, first_epoch, resume_batches = resume_position(
         accelerator, args.resume_from_checkpoint, output_dir, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps,
+        args.gradient_accumulation_steps, student=student,
     )  # fmt: skip
+    remove_set_aside(set_aside_dir)  # the new run has started: the overwritten one goes
     if accelerator.is_main_process:
         name = (
             "args.json" if global_step == 0 and not (output_dir / "args.json").exists() else f"args-{global_step}.json"
@@ -356,6 +429,7 @@ def main(args: argparse.Namespace) -> Path:
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    updates, first_step = 0, global_step  # optimizer steps taken in this process's run
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -369,8 +443,10 @@ def main(args: argparse.Namespace) -> Path:
                 continue
             global_step += 1
             progress_bar.update(1)
-            if step.end_update(global_step) and ema is not None:
-                ema.step(student.parameters())
+            if step.end_update(global_step):
+                updates += 1
+                if ema is not None:
+                    ema.step(student.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 record = training_log.log(global_step, lr_scheduler.get_last_lr()[0], step)
@@ -397,10 +473,17 @@ def main(args: argparse.Namespace) -> Path:
     student_hooks.remove()
     teacher_hooks.remove()
     accelerator.wait_for_everyone()
+    if updates == 0 and global_step > first_step:
+        raise TrainingFailed(
+            f"No optimizer step was taken: all {global_step - first_step} steps had non-finite losses, so the "
+            "student is untrained and nothing is exported. Check the teacher's weights for NaN/inf, or lower "
+            "--learning_rate."
+        )
     if accelerator.is_main_process:
         log_validation(
             accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
             args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
+            samples_for=None if args.no_single_file else SINGLE_FILE_NAME,
         )  # fmt: skip
         training_log.close()
         plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)
@@ -408,12 +491,12 @@ def main(args: argparse.Namespace) -> Path:
         summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
         summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
         pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
-        cfg, steps = recommended_sampling(args.objective, pair_guidance)  # (None, None) for distill: the defaults
+        sampling = recommended_sampling(args.objective, pair_guidance)  # settings.SAMPLING for distillation
         if args.objective == "reflow":
-            summary.update(reflow_pair_guidance=pair_guidance, recommended_cfg=cfg, recommended_steps=steps)
+            summary.update(objective="reflow", reflow_pair_guidance=pair_guidance)
         result = export_final(
             output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file,
-            cfg=cfg, steps=steps,
+            requested_args=requested, steps=global_step, sampling=sampling,
         )  # fmt: skip
         logger.info(f"Saved the FlowLunePipeline to {result.pipeline_dir}")
         if args.push_to_hub:
@@ -425,4 +508,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from flow_lune.settings import SAMPLING
+
 from .errors import ConversionError
 
 
@@ -46,8 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "ModelSamplingSD3). Allowed when SRC's scheduler predicts epsilon, or SRC has no scheduler (UNet folder or "
         "file); refused for a flow or v-prediction scheduler, a training checkpoint, and with --shift",
     )
-    p.add_argument("--cfg", type=float, help="guidance scale for the workflow (default 4.5 for flow, 7.5 for epsilon)")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps for the workflow (default 20)")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        help=f"guidance scale for the workflow (default {SAMPLING.guidance_scale:g} for flow, 7.5 for epsilon)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=SAMPLING.steps, help=f"Euler steps for the workflow (default {SAMPLING.steps})"
+    )
     p.add_argument("--title", help="modelspec.title (default: DST's name)")
     p.add_argument(
         "--no-workflow",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from flow_lune.settings import SAMPLING
+
 from .accounting import Planned, plan_component, read_position
 from .configs import builtin_config, folder_config, teacher_scheduler
 from .errors import ConversionError
@@ -29,11 +31,11 @@ from .workflow import comfyui_editor_graph, comfyui_workflow
 from .writing import atomic_file, atomic_text, check_destination
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_SHIFT = 3.0  # the shift the student is trained with (DESIGN.md section 1), unless the source says
-DEFAULT_CFG = 4.5  # CFG is distilled as with the teacher; 4.5 is a moderate SD1.5 guidance
+DEFAULT_SHIFT = SAMPLING.shift  # the shift the student is trained with (DESIGN.md section 1), unless the source says
+DEFAULT_CFG = SAMPLING.guidance_scale  # the one sampling recommendation (flow_lune.settings.SAMPLING)
 DEFAULT_TEACHER_CFG = 7.5  # an epsilon SD1.5 file: the guidance SD1.5 is usually sampled with
 STUDENT_SOURCE_KINDS = ("training checkpoint", "earlier-trainer checkpoint")  # these only ever hold flow students
-DEFAULT_STEPS = 20  # Euler steps in the ComfyUI workflow
+DEFAULT_STEPS = SAMPLING.steps  # Euler steps in the ComfyUI workflow: the one sampling recommendation
 POSITION_IDS_KEY = TEXT_PREFIX + "text_model.embeddings.position_ids"
 
 

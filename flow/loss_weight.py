@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+from flow_lune.settings import LOSS_WEIGHTINGS
+
+__all__ = ["LOSS_WEIGHTINGS", "loss_weight"]
 
 
 def loss_weight(scheme: str, sigma: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,22 @@ from dataclasses import dataclass
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from flow_lune.settings import (  # the defaults live in the torch-free settings module
+    ADAPTIVE_JITTER,
+    BASE_JITTER,
+    DENSITIES,
+    LOGIT_MEAN,
+    LOGIT_STD,
+    MODE_SCALE,
+    RELIABILITY_THRESHOLD,
+    SIGMA_DENSITY,
+    TRAINING_SHIFT,
+    check_sigma_settings,
+)
+
 from .convention import shift_sigma
 
 SIGMA_MIN = 1e-3  # below this the student's target is numerically the teacher's x0 error only
-DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
-RELIABILITY_THRESHOLD = 0.15  # bins the assessor reads less accurately than this give no opinion (DESIGN.md 4)
-BASE_JITTER = 1.0  # jitter width in bin widths: uniform over the drawn bin
-ADAPTIVE_JITTER = 0.0  # pattern entropy does not widen the jitter unless asked
 
 
 def cosmap_density(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -57,19 +66,14 @@ class SigmaSampler:
     Defaults: uniform u with shift 3, which moves the median sigma from 0.5 to 0.75 (toward noise).
     """
 
-    density: str = "uniform"
-    shift: float = 3.0  # Flow Lune's default training shift (DESIGN.md section 4)
-    logit_mean: float = 0.0  # SD3's logit-normal defaults
-    logit_std: float = 1.0
-    mode_scale: float = 1.29  # SD3 paper's mode(1.29)
+    density: str = SIGMA_DENSITY
+    shift: float = TRAINING_SHIFT  # Flow Lune's default training shift (DESIGN.md section 4)
+    logit_mean: float = LOGIT_MEAN  # SD3's logit-normal defaults
+    logit_std: float = LOGIT_STD
+    mode_scale: float = MODE_SCALE  # SD3 paper's mode(1.29)
 
     def __post_init__(self) -> None:
-        if self.density not in DENSITIES:
-            raise ValueError(f"Unknown sigma density {self.density!r}; choose one of {DENSITIES}.")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}; use 1.0 for no shift.")
-        if self.logit_std <= 0:
-            raise ValueError(f"logit_std must be > 0, got {self.logit_std}.")
+        check_sigma_settings(self.density, self.shift, self.logit_std)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``batch_size`` sigmas in [SIGMA_MIN, 1], float32."""

@@ -53,6 +53,13 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd15") / "pipe", seed=0)
 
 
+@pytest.fixture(scope="session")
+def trainer_cache(tmp_path_factory) -> Path:
+    """One trainer --cache_dir (tiny teacher, generated latents, embeddings) for every trainer test module: runs
+    with the same data flags reuse the same caches instead of rebuilding them per module."""
+    return tmp_path_factory.mktemp("flow-lune-cache")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread; on a shared 2-core machine two threads can be 100x slower."""

@@ -59,14 +59,21 @@ def test_script_writes_a_loadable_assessor_and_profile(assessor_dir):
     assert out.lam.shape == (9,) and ((out.lam >= 0.5) & (out.lam <= 3.0)).all()
 
 
-def test_script_refuses_bad_flags_before_work(assessor_dir, tmp_path):
+def test_script_refuses_bad_flags_before_work(assessor_dir, tmp_path, capsys):
+    """Through the parser: one "error:" line naming the flag, exit 2."""
     script = load_script("train_assessor.py")
-    with pytest.raises(ValueError, match="already holds"):
-        script.parse_args(["--output_dir", str(assessor_dir)])
-    with pytest.raises(ValueError, match="train_batch_size"):
-        script.parse_args(["--output_dir", str(tmp_path / "x"), "--train_batch_size", "1"])
-    with pytest.raises(ValueError, match="profile_samples"):
-        script.parse_args(["--output_dir", str(tmp_path / "x"), "--profile_samples", "10"])
+    for argv, match in [
+        (["--output_dir", str(assessor_dir)], "already holds"),
+        (["--output_dir", str(tmp_path / "x"), "--train_batch_size", "1"], "train_batch_size"),
+        (["--output_dir", str(tmp_path / "x"), "--profile_samples", "10"], "profile_samples"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            script.parse_args(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if "error:" in x]
+        assert match in line and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,9 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache (tiny teacher, generated latents, embeddings) shared by every run of this module."""
-    return tmp_path_factory.mktemp("flow-lune-cache")
+def cache_dir(trainer_cache) -> Path:
+    """The session's trainer cache (tiny teacher, generated latents, embeddings), shared with the other modules."""
+    return trainer_cache
 
 
 def base_args(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -142,13 +143,15 @@ KILLER = textwrap.dedent(
     t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(t)
 
-    def save_then_die(accelerator, output_dir, step, total_limit, _orig=t.save_checkpoint):
+    import flow_lune.training.checkpoints as c  # main() imports save_checkpoint from here when it runs
+
+    def save_then_die(accelerator, output_dir, step, total_limit, _orig=c.save_checkpoint):
         if step == {kill_step}:  # killed while writing: the state is in checkpoint-N.tmp, never renamed
             accelerator.save_state(str(Path(output_dir) / f"checkpoint-{{step}}.tmp"))
             os.kill(os.getpid(), signal.SIGKILL)
         return _orig(accelerator, output_dir, step, total_limit)
 
-    t.save_checkpoint = save_then_die
+    c.save_checkpoint = save_then_die
     t.main(t.parse_args(sys.argv[1:]))
     """
 )
@@ -194,8 +197,14 @@ def test_resume_latest_without_checkpoints_starts_fresh_and_refuses_overwrites(t
     run(out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest",
         "--no_single_file")  # fmt: skip
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
-    with pytest.raises(ValueError, match="finished run"):
+    # The same command again (with or without --resume_from_checkpoint) is a finished run: accepted, and main
+    # says so at once; other flags on the same folder are refused through the parser.
+    args = train_flow_distill.parse_args(base_args(out, cache_dir, "--max_train_steps", "2", "--checkpointing_steps",
+                                                   "1", "--no_single_file"))  # fmt: skip
+    assert train_flow_distill.main(args) == out / "pipeline"
+    with pytest.raises(SystemExit) as exc:
         train_flow_distill.parse_args(base_args(out, cache_dir, "--resume_from_checkpoint", "latest"))
+    assert exc.value.code == 2
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -245,9 +254,15 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, cache_dir, mon
         (["--pretrained_teacher_model", "/nonexistent/teacher.safetensors"], "does not exist"),
     ],
 )
-def test_contradictory_flags_fail_before_any_work(tmp_path, cache_dir, extra, match):
-    with pytest.raises(ValueError, match=match):
+def test_contradictory_flags_fail_before_any_work(tmp_path, cache_dir, extra, match, capsys):
+    """Through the parser: one "error:" line naming the flag, exit 2, nothing written."""
+    with pytest.raises(SystemExit) as exc:
         train_flow_distill.parse_args(base_args(tmp_path / "never", cache_dir, *extra))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert re.search(match, line), line
+    assert "Traceback" not in err
     assert not (tmp_path / "never").exists()
 
 

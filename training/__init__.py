@@ -14,7 +14,10 @@ Modules (imported on first use, so ``import flow_lune.training`` stays cheap):
 - ``checkpoints``: atomic checkpoints, diffusers-layout hooks, the epoch sampler;
 - ``metrics``, ``plots``, ``validation``: metrics.jsonl, the charts, teacher/student validation sampling;
 - ``export``: the FlowLunePipeline folder, the single file, the model card, the upload;
-- ``cli``: the flags both trainers share.
+- ``cli``: the flags both trainers share, their checks, the scripts' entry point (torch-free);
+- ``run_state``: what an output folder holds (finished run, interrupted export, checkpoints), torch-free.
+
+The flags' defaults live in ``flow_lune.settings`` (torch-free), so the scripts parse before importing torch.
 """
 
 from importlib import import_module

@@ -37,6 +37,7 @@ from torch import nn
 
 from flow_lune.atomic import atomic_file
 from flow_lune.flow import sigma_to_bin
+from flow_lune.settings import ASSESSOR_EMBED_DIM, ASSESSOR_HIDDEN_DIM, ASSESSOR_NUM_BINS, ASSESSOR_NUM_PATTERNS
 
 from .assessor_formulas import coherence, pattern_entropy, timestep_error
 
@@ -52,10 +53,10 @@ class AssessorConfig:
 
     block_channels: list[int]  # C_b of the pooled features of each block, from one dummy forward
     block_names: list[str] = field(default_factory=list)  # names of the blocks, for logs and the profile
-    embed_dim: int = 64  # small: coherence needs a direction, not a reconstruction
-    hidden_dim: int = 256  # keeps the assessor about 0.3% of the SD1.5 UNet at SD1.5 channel counts
-    num_bins: int = 100  # equal sigma bins over [0, 1], the adaptive sampler's bins (DESIGN.md section 4)
-    num_patterns: int = 10  # DESIGN.md section 6
+    embed_dim: int = ASSESSOR_EMBED_DIM  # small: coherence needs a direction, not a reconstruction
+    hidden_dim: int = ASSESSOR_HIDDEN_DIM  # about 0.3% of the SD1.5 UNet at SD1.5 channel counts
+    num_bins: int = ASSESSOR_NUM_BINS  # equal sigma bins over [0, 1], the adaptive sampler's bins
+    num_patterns: int = ASSESSOR_NUM_PATTERNS  # DESIGN.md section 6
     pattern_source: str = "kmeans"  # "kmeans" (clusters of teacher features) or "data" (class labels in the data)
 
     def __post_init__(self) -> None:

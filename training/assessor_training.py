@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flow_lune.flow import SIGMA_MIN, flow_state, sigma_to_bin
+from flow_lune.settings import INFONCE_TEMPERATURE, TIMESTEP_LABEL_WIDTH, VIEW_NOISE_MIX, VIEW_SIGMA_JITTER
 
 from .assessor import Assessor
 from .assessor_formulas import info_nce, kmeans, soft_bin_targets
@@ -25,10 +26,10 @@ from .assessor_formulas import info_nce, kmeans, soft_bin_targets
 class AssessorTrainingConfig:
     """Loss settings of the assessor."""
 
-    temperature: float = 0.1  # InfoNCE temperature, CLIP/SimCLR range
-    view_sigma_jitter: float = 0.05  # the second view's sigma is sigma + jitter * N(0, 1): "nearby"
-    view_noise_mix: float = 0.5  # eps2 = sqrt(1 - m^2) eps1 + m xi: partly fresh noise, same x0
-    timestep_label_width: float = 2.0  # Gaussian soft targets over neighbouring bins (std, in bins); 0 = one-hot
+    temperature: float = INFONCE_TEMPERATURE  # InfoNCE temperature, CLIP/SimCLR range
+    view_sigma_jitter: float = VIEW_SIGMA_JITTER  # the second view's sigma is sigma + jitter * N(0, 1): "nearby"
+    view_noise_mix: float = VIEW_NOISE_MIX  # eps2 = sqrt(1 - m^2) eps1 + m xi: partly fresh noise, same x0
+    timestep_label_width: float = TIMESTEP_LABEL_WIDTH  # soft targets' std over neighbouring bins; 0 = one-hot
     timestep_weight: float = 1.0
     pattern_weight: float = 1.0
     contrastive_weight: float = 1.0

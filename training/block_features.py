@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from flow_lune.settings import BASE_BLOCK_WEIGHTS  # noqa: F401  (w_b, held in the torch-free settings for the flags)
+
 BLOCK_NAMES: tuple[str, ...] = (
     "down_blocks.0",
     "down_blocks.1",
@@ -27,8 +29,6 @@ BLOCK_NAMES: tuple[str, ...] = (
     "up_blocks.2",
     "up_blocks.3",
 )
-# Base block weights w_b (DESIGN.md section 5): the deep, low-resolution blocks carry most of the layout.
-BASE_BLOCK_WEIGHTS: tuple[float, ...] = (0.7, 0.9, 1.0, 1.1, 1.2, 1.1, 1.0, 0.9, 0.7)
 
 
 def block_output_tensor(out: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

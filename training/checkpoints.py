@@ -15,38 +15,21 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .run_state import CHECKPOINT_PREFIX, checkpoint_step, list_checkpoints  # noqa: F401  (torch-free)
 from .seeds import stream_seed
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---------------------------------------------------------------- folders
-
-
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """N for a folder named ``checkpoint-N``; None for anything else (``checkpoint-N.tmp`` included)."""
-    match = _CHECKPOINT_RE.match(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders in ``output_dir``, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
@@ -194,9 +177,12 @@ def resume_position(
     output_dir: str | os.PathLike,
     num_update_steps_per_epoch: int,
     gradient_accumulation_steps: int,
+    student: Any | None = None,
 ) -> tuple[int, int, int]:
     """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return ``(global_step, first_epoch,
-    batches to skip in that epoch)``; ``(0, 0, 0)`` for a new run. Refuses to resume below a later checkpoint."""
+    batches to skip in that epoch)``; ``(0, 0, 0)`` for a new run. Refuses to resume below a later checkpoint,
+    and from a checkpoint with a truncated file or another UNet's weights (``student`` given), naming the
+    previous complete checkpoint."""
     resume_path = resolve_resume(resume_from_checkpoint, output_dir)
     if resume_from_checkpoint and resume_path is None:
         logger.info("No checkpoint in %s to resume from; starting a new run.", output_dir)
@@ -208,9 +194,105 @@ def resume_position(
             f"Resuming from {resume_path.name} would overwrite the later checkpoints {later}; move them away "
             "or resume from 'latest'."
         )
+    check_checkpoint_files(resume_path, output_dir, None if student is None else accelerator.unwrap_model(student))
     logger.info("Resuming from %s", resume_path)
-    accelerator.load_state(str(resume_path))
+    try:
+        accelerator.load_state(str(resume_path))
+    except Exception as err:  # anything torch or accelerate raises on a bad file: name the checkpoint
+        raise ValueError(
+            f"Could not resume from {resume_path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f" {_instead(resume_path, output_dir)}"
+        ) from err
     global_step = checkpoint_step(resume_path)
     first_epoch = global_step // num_update_steps_per_epoch
     resume_batches = (global_step % num_update_steps_per_epoch) * gradient_accumulation_steps
     return global_step, first_epoch, resume_batches
+
+
+# ---------------------------------------------------------------- checking a checkpoint before loading it
+
+
+def checkpoint_file_problem(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """Why ``path`` (a file of a checkpoint) cannot be loaded, or None.
+
+    safetensors files: the header must parse and the data must be as long as the header says (truncation);
+    with ``shapes``, their keys and shapes must be the student's (a checkpoint of another UNet configuration).
+    accelerate's torch files (``optimizer.bin``, ``scheduler.bin``, ``random_states_*.pkl``, ...): torch.save
+    writes a zip archive whose central directory is at the end, so a truncated file has none.
+    """
+    import json
+    import zipfile
+
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "is truncated (no safetensors header)"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return "is truncated (its header runs past the end of the file)"
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                return "has an unreadable safetensors header"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            return f"is truncated ({size} bytes, its header needs {8 + n + end})"
+        if shapes is not None:
+            found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+            wrong = sorted(k for k in shapes.keys() & found.keys() if shapes[k] != found[k])
+            missing, extra = sorted(shapes.keys() - found.keys()), sorted(found.keys() - shapes.keys())
+            if wrong or missing or extra:
+                parts = []
+                if wrong:
+                    k = wrong[0]
+                    parts.append(f"{len(wrong)} tensors of other shapes (e.g. {k}: {found[k]} in the file, "
+                                 f"{shapes[k]} in the student)")  # fmt: skip
+                if missing:
+                    parts.append(f"{len(missing)} of the student's tensors missing (e.g. {missing[0]})")
+                if extra:
+                    parts.append(f"{len(extra)} tensors the student does not have (e.g. {extra[0]})")
+                return "is from another UNet configuration: " + "; ".join(parts)
+        return None
+    if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"is truncated or not a torch file ({err})"
+    return None
+
+
+def checkpoint_problem(checkpoint: Path, student: Any | None = None) -> str | None:
+    """The first broken or foreign file of ``checkpoint`` as ``"FILE is/has ..."``, or None."""
+    shapes = None
+    if student is not None:
+        shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        relative = path.relative_to(checkpoint)
+        student_file = relative.parts[0] in ("unet", "unet_ema") and path.suffix == ".safetensors"
+        problem = checkpoint_file_problem(path, shapes if student_file else None)
+        if problem is not None:
+            return f"{relative} {problem}"
+    return None
+
+
+def _instead(checkpoint: Path, output_dir: str | os.PathLike) -> str:
+    """Advice naming the newest earlier checkpoint whose files are readable."""
+    step = checkpoint_step(checkpoint)
+    earlier = [p for p in list_checkpoints(output_dir) if step is not None and checkpoint_step(p) < step]
+    for candidate in reversed(earlier):
+        if checkpoint_problem(candidate) is None:
+            return (
+                f"Resume from the previous complete checkpoint instead: --resume_from_checkpoint {candidate} "
+                f"(move {checkpoint.name} away first)."
+            )
+    return "No earlier complete checkpoint exists; start a new run in a new --output_dir."
+
+
+def check_checkpoint_files(checkpoint: Path, output_dir: str | os.PathLike, student: Any | None = None) -> None:
+    """ValueError naming the checkpoint, its broken or foreign file, and the checkpoint to resume from instead."""
+    problem = checkpoint_problem(checkpoint, student)
+    if problem is not None:
+        raise ValueError(f"Cannot resume from {checkpoint}: {problem}. {_instead(checkpoint, output_dir)}")

@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flow_lune.flow import DENSITIES, SigmaSampler
+from flow_lune.settings import (
+    DENSITIES,
+    LOGIT_MEAN,
+    LOGIT_STD,
+    MODE_SCALE,
+    SIGMA_DENSITY,
+    TRAINING_SHIFT,
+    check_sigma_settings,
+)
 
 from .data_config import DataConfig
+from .run_state import TrainingFailed
+
+# Nothing here imports torch: the scripts parse and check their flags before loading it.
 
 OBJECTIVES = ("distill", "reflow")
 UNCOND_PROB = 0.1  # diffusers' and SD's usual prompt dropout: enough for CFG, little cost to the conditional
@@ -94,23 +108,17 @@ def add_sigma_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weighting_scheme",
         type=str,
-        default=SigmaSampler.density,
+        default=SIGMA_DENSITY,
         choices=DENSITIES,
         help="Density of training sigmas.",
     )
-    parser.add_argument(
-        "--logit_mean", type=float, default=SigmaSampler.logit_mean, help="logit_normal mean (SD3's default)."
-    )
-    parser.add_argument(
-        "--logit_std", type=float, default=SigmaSampler.logit_std, help="logit_normal std (SD3's default)."
-    )
-    parser.add_argument(
-        "--mode_scale", type=float, default=SigmaSampler.mode_scale, help="mode density scale (SD3 paper's)."
-    )
+    parser.add_argument("--logit_mean", type=float, default=LOGIT_MEAN, help="logit_normal mean (SD3's default).")
+    parser.add_argument("--logit_std", type=float, default=LOGIT_STD, help="logit_normal std (SD3's default).")
+    parser.add_argument("--mode_scale", type=float, default=MODE_SCALE, help="mode density scale (SD3 paper's).")
     parser.add_argument(
         "--shift",
         type=float,
-        default=SigmaSampler.shift,
+        default=TRAINING_SHIFT,
         help="Time shift of training and sampling sigmas (> 1: toward noise).",
     )
 
@@ -178,17 +186,87 @@ def check_shared_arguments(args: argparse.Namespace) -> None:
     """One clear ValueError for bad teacher, data or sigma flags, before any work."""
     if not 0.0 <= args.uncond_prob <= 1.0:
         raise ValueError(f"--uncond_prob must be in [0, 1], got {args.uncond_prob}.")
-    SigmaSampler(args.weighting_scheme, args.shift, args.logit_mean, args.logit_std, args.mode_scale)  # checks
+    check_sigma_settings(args.weighting_scheme, args.shift, args.logit_std)
     teacher = args.pretrained_teacher_model
     if teacher is None and (args.revision or args.variant):
         raise ValueError("--revision/--variant need --pretrained_teacher_model.")
     if teacher is not None:
-        looks_local = teacher.endswith((".safetensors", ".ckpt")) or teacher.startswith((".", "/", "~"))
+        single_file = teacher.endswith((".safetensors", ".ckpt"))
+        looks_local = single_file or teacher.startswith((".", "/", "~"))
         if looks_local and not Path(teacher).expanduser().exists():
             raise ValueError(f"--pretrained_teacher_model {teacher!r} does not exist; pass a folder, file or Hub id.")
+        if single_file:
+            check_path_kind("--pretrained_teacher_model", teacher, folder=False)
     data_args = argparse.Namespace(**vars(args))
     data_args.resolution = args.resolution if args.resolution is not None else 512  # the teacher's decides later
     DataConfig.from_args(data_args).check()
+    if getattr(args, "teacher_config", None) is not None:
+        check_path_kind("--teacher_config", args.teacher_config, folder=True)
+    if args.prompts_file is not None:
+        check_path_kind("--prompts_file", args.prompts_file, folder=False)
+    if args.train_data_dir is not None:
+        check_path_kind("--train_data_dir", args.train_data_dir, folder=True)
+
+
+def check_path_kind(flag: str, value: str, folder: bool) -> None:
+    """ValueError when ``value`` is missing, or is a folder where a file is expected (or the other way round)."""
+    path = Path(value).expanduser()
+    want = "folder" if folder else "file"
+    if not path.exists():
+        raise ValueError(f"{flag} {value!r}: no such {want}.")
+    if folder and not path.is_dir():
+        raise ValueError(f"{flag} {value!r} is a file, not a folder; pass the folder.")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {value!r} is a folder, not a file; pass the file itself.")
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records of one logger whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+QUIET = {
+    # transformers: image processors fall back to PIL without torchvision; Flow Lune uses no image processor
+    "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    # diffusers: `.to(dtype)` lists the modules that should stay float32; an empty list says nothing
+    "diffusers.models.modeling_utils": ("should be kept in float32: []",),
+    # bitsandbytes on an AVX512-bf16 CPU: its optional 4-bit CPU kernel; Flow Lune uses no 4-bit layer
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+}  # logger name -> message fragments dropped at that logger
+
+
+def quiet_third_party() -> None:
+    """Silence, at their source loggers, the third-party messages that tell a Flow Lune user nothing (``QUIET``).
+
+    Other messages of those loggers stay. accelerate's notice of the defaults ``accelerate launch`` filled in
+    (``num_processes`` 0 and the like) is printed by the launcher before this script starts; the README's
+    Troubleshooting section says how to avoid it (``accelerate config default``)."""
+    for name, fragments in QUIET.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in log.filters):
+            log.addFilter(_DropMessages(*fragments))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' fork warning (caches are built first)
+
+
+def run_script(main: Callable[[argparse.Namespace], Any], parse_args: Callable[[], argparse.Namespace]) -> None:
+    """A script's entry point: parse (argument errors: the parser's ``error:`` line, exit 2), run ``main``; a
+    ValueError found after parsing (a broken checkpoint, a foreign assessor, an unreadable image, a run with no
+    update, ``TrainingFailed``) is printed as one ``error:`` line with exit 1. ``FLOW_LUNE_TRACEBACK=1`` shows
+    the traceback."""
+    args = parse_args()
+    try:
+        main(args)
+    except (ValueError, TrainingFailed) as err:
+        if os.environ.get("FLOW_LUNE_TRACEBACK") == "1":
+            raise
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
 
 
 def start_run(args: argparse.Namespace, gradient_accumulation_steps: int = 1) -> Any:

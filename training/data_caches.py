@@ -11,7 +11,7 @@ import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -108,8 +108,10 @@ def build_latents(
             if vae.dtype != torch.float32:  # encode in float32 without touching the caller's model
                 vae = copy.deepcopy(vae).to(torch.float32)
             transforms = []
+            feature = source.dataset.features[config.image_column]
+            raw = source.dataset.cast_column(config.image_column, type(feature)(decode=False))  # paths and bytes
             for i in range(0, n, bs):
-                images = source.dataset[i : i + bs][config.image_column]
+                images = [read_image(v, feature, i + k) for k, v in enumerate(raw[i : i + bs][config.image_column])]
                 done = [preprocess_image(img, config, i + k) for k, img in enumerate(images)]
                 transforms += [record for _, record in done]
                 writer.add_rows("latents", encode_images(torch.stack([p for p, _ in done]), vae))
@@ -150,3 +152,18 @@ def build_latents(
                 bar.update(len(chunk))
         bar.close()
         return writer.commit(num_rows=n, meta={"source": source.kind})
+
+
+def read_image(value: Any, feature: Any, row: int) -> Any:
+    """Row ``row``'s image, decoded by the dataset's own ``Image`` feature (same pixels as ``dataset[row]``), fully
+    loaded; ValueError naming the file when it cannot be read (a corrupt or truncated image)."""
+    try:
+        image = feature.decode_example(value)
+        image.load()
+        return image
+    except Exception as err:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ... for bad files
+        where = value.get("path") if isinstance(value, dict) else None
+        raise ValueError(
+            f"Cannot read the image {where or '(embedded bytes)'} (row {row} of the dataset): "
+            f"{type(err).__name__}: {err}. Replace or remove that file and run again."
+        ) from err

@@ -5,47 +5,16 @@
 ``w_b`` are the base block weights, ``e_t`` the normalised timestep error, ``e_p`` the normalised
 pattern entropy and ``coh`` the coherence, each in [0, 1]. With ``e_t = e_p = 0`` and ``coh = 1``
 (a fully confident, fully coherent assessor) ``lambda_b = w_b`` (inside the bounds). This module
-has no model dependency: the trainer imports :class:`FusionConfig` for its flags.
+has no model dependency; :class:`FusionConfig` lives in ``flow_lune.settings`` (torch-free) for the flags.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-
 import torch
 
+from flow_lune.settings import FusionConfig  # torch-free: the scripts' parsers check it before importing torch
+
 __all__ = ["FusionConfig", "fuse_block_weights"]
-
-
-@dataclass
-class FusionConfig:
-    """Coefficients and bounds of the fusion; defaults are DESIGN.md section 6."""
-
-    alpha: float = 0.5  # timestep error: the strongest sign that a block is confused about sigma
-    beta: float = 0.25  # pattern entropy: weaker, content ambiguity is partly inherent
-    delta: float = 0.25  # incoherence with the teacher's embedding
-    lam_min: float = 0.5  # no block is ever switched off
-    lam_max: float = 3.0  # no block dominates the penalty
-
-    def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "delta", "lam_min", "lam_max"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"FusionConfig.{name} must be a finite number, got {value!r}.")
-        for name in ("alpha", "beta", "delta"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"FusionConfig.{name} must be >= 0 (a signal can only raise a weight), got {getattr(self, name)}."
-                )
-        if self.lam_min < 0 or self.lam_min > self.lam_max:
-            raise ValueError(
-                f"Need 0 <= lam_min <= lam_max, got lam_min={self.lam_min}, lam_max={self.lam_max}; "
-                "pass --lambda_min/--lambda_max in that order."
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _check_signal(name: str, x: torch.Tensor, shape: torch.Size) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flow_lune.flow import EpsilonToFlowUNet, flow_state, flow_timestep, loss_weight, reflow_target
+from flow_lune.settings import BLOCK_PENALTY_WEIGHT, KD_WEIGHT
 
 from .block_features import BASE_BLOCK_WEIGHTS, BLOCK_NAMES, BlockFeatureHooks
 from .block_penalty import BlockPenalty, BlockWeights
@@ -39,8 +40,8 @@ class ObjectiveConfig:
     """Weights of the loss terms (DESIGN.md section 5)."""
 
     loss_weighting: str = "none"  # per-sample weight w(sigma) of the flow MSE; "none" = plain MSE
-    kd_weight: float = 0.25  # weight of the base-weighted block KD
-    block_penalty_weight: float = 0.05  # weight of the lambda-weighted block KD
+    kd_weight: float = KD_WEIGHT  # weight of the base-weighted block KD
+    block_penalty_weight: float = BLOCK_PENALTY_WEIGHT  # weight of the lambda-weighted block KD
     base_weights: Sequence[float] = BASE_BLOCK_WEIGHTS  # w_b
 
 

@@ -57,8 +57,16 @@ def log_validation(
     guidance_scale: float,
     seed: int,
     ema: Any | None = None,
+    samples_for: str | None = None,
 ) -> Path:
     """Sample teacher and student on the same prompts and seeds; save ``validation/step-N.png`` and log it.
+
+    ``samples_for``: the name of the single file the student is exported to (at the end of training). Then each
+    student image is also saved alone as ``samples/prompt-K.png`` with the ComfyUI graph that samples that file
+    with the same prompt, steps, guidance, shift and size in its PNG metadata (``comfyui_pnginfo``): dropped on
+    ComfyUI it rebuilds the graph. ComfyUI draws its own noise for the seed, so it gives an image of the same
+    model and settings, not the same pixels. The grids carry no graph: they mix the teacher in, and a grid
+    during training shows a student that is not the exported one.
 
     Both pipelines reuse the training modules (the unwrapped student, the teacher's UNet through
     ``FlowLunePipeline.from_teacher``, its VAE, text encoder and tokenizer): no model is copied. With ``ema``
@@ -104,6 +112,11 @@ def log_validation(
             ema.restore(unet.parameters())
         unet.train(was_training)
     grid = image_grid(rows, ["teacher (flow bridge)", f"student step {step}"])
+    if samples_for is not None:
+        save_student_samples(
+            Path(output_dir) / "samples", rows[1], prompts, samples_for, seed, num_inference_steps, guidance_scale,
+            shift, resolution,
+        )  # fmt: skip
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step}.png"
@@ -116,3 +129,30 @@ def log_validation(
 
             tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
     return path
+
+
+def save_student_samples(
+    folder: Path,
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    ckpt_name: str,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    shift: float,
+    resolution: int,
+) -> list[Path]:
+    """``folder/prompt-K.png`` for each student image, with the ComfyUI graph for ``ckpt_name`` in its metadata."""
+    from flow_lune.convert import comfyui_pnginfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, (image, prompt) in enumerate(zip(images, prompts)):
+        info = comfyui_pnginfo(
+            ckpt_name, prompt=prompt, seed=seed + k, steps=steps, cfg=guidance_scale, shift=shift, width=resolution,
+            height=resolution,
+        )  # fmt: skip
+        path = folder / f"prompt-{k}.png"
+        atomic_file(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
+        paths.append(path)
+    return paths
