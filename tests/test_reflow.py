@@ -251,19 +251,22 @@ def train_args(output_dir: Path, cache_dir: Path, pairs: Path, *extra: str) -> l
     ]  # fmt: skip
 
 
-def test_objective_defaults_and_bad_flags(tmp_path, cache_dir, pairs):
+def test_objective_defaults_and_bad_flags(tmp_path, cache_dir, pairs, capsys):
     args = train.parse_args(train_args(tmp_path / "a", cache_dir, pairs))
     assert (args.kd_weight, args.block_penalty_weight, args.uncond_prob) == (0.0, 0.0, 0.0)  # guided pairs
     args = train.parse_args(train_args(tmp_path / "a", cache_dir, pairs, "--kd_weight", "0.1", "--uncond_prob", "0.2"))
     assert (args.kd_weight, args.uncond_prob) == (0.1, 0.2)
     args = train.parse_args(["--output_dir", str(tmp_path / "b"), "--cache_dir", str(cache_dir)])
     assert (args.objective, args.kd_weight, args.block_penalty_weight, args.uncond_prob) == ("distill", 0.25, 0.05, 0.1)
-    with pytest.raises(ValueError, match="needs --reflow_data"):
+    with pytest.raises(SystemExit) as exit_info:  # parser.error: one line, exit 2
         train.parse_args(["--output_dir", str(tmp_path / "c"), "--objective", "reflow"])
-    with pytest.raises(ValueError, match="not a finished reflow pair set"):
+    assert exit_info.value.code == 2 and "needs --reflow_data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # parser.error: one line, exit 2
         train.parse_args(train_args(tmp_path / "d", cache_dir, tmp_path))
-    with pytest.raises(ValueError, match="for --objective reflow"):
+    assert exit_info.value.code == 2 and "not a finished reflow pair set" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # parser.error: one line, exit 2
         train.parse_args(["--output_dir", str(tmp_path / "e"), "--reflow_data", str(pairs)])
+    assert exit_info.value.code == 2 and "for --objective reflow" in capsys.readouterr().err
 
 
 def test_reflow_run_writes_the_usual_outputs(tmp_path, cache_dir, pairs):
