@@ -27,17 +27,22 @@ train_flow_distill = load_script("train_flow_distill.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+TEACHER: list[Path] = []  # the tiny teacher every run here names explicitly (set by the cache_dir fixture)
+
+
 @pytest.fixture(scope="module")
-def cache_dir(trainer_cache) -> Path:
-    """The session's trainer cache (tiny teacher, generated latents, embeddings), shared with the other modules."""
+def cache_dir(trainer_cache, tiny_pipeline_dir) -> Path:
+    """The session's trainer cache, shared with the other modules; every run of this module names the session's
+    tiny SD1.5 pipeline as its teacher with --pretrained_teacher_model, whatever the trainer's default is."""
+    TEACHER[:] = [tiny_pipeline_dir]
     return trainer_cache
 
 
 def tiny_args(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
-    """test_trainer.py's data flags (the same cached latents), two steps."""
+    """Explicit tiny flags: the session's tiny teacher, 8 generated latents, two steps."""
     return [
-        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--num_generated", "8",
-        "--generation_steps", "2", "--train_batch_size", "2", "--report_to", "none",
+        "--pretrained_teacher_model", str(TEACHER[0]), "--output_dir", str(output_dir), "--cache_dir", str(cache_dir),
+        "--num_generated", "8", "--generation_steps", "2", "--train_batch_size", "2", "--report_to", "none",
         "--num_validation_inference_steps", "2", "--validation_prompts", "a red square", "--max_train_steps", "2",
         "--learning_rate", "1e-4", "--seed", "3", *extra,
     ]  # fmt: skip

@@ -29,8 +29,9 @@ PLAN_NAME = "export-plan.json"  # written first by the export: the files of EXPO
 COMPLETE_NAME = "run-complete.json"  # written last: the run and its export are complete
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Flags that may differ between the first and a repeated run of "the same command".
-RERUN_IGNORED = ("resume_from_checkpoint", "overwrite_output_dir")
+# Flags that may differ between the first and a repeated run of "the same command": how to resume or restart,
+# and the folder's own path (a run moved or copied elsewhere is still that run).
+RERUN_IGNORED = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir")
 
 
 class TrainingFailed(RuntimeError):
