@@ -94,6 +94,7 @@ class BuildConfig:
     check_prompts: int = 96  # DDIM 25 check at the end: two draws of each combination
     check_guidance: tuple[float, ...] = (2.0, 3.0)
     threads: int = 1  # DESIGN: one torch thread often faster under contention on 2 cores
+    reuse: str | None = None  # a previous build's folder: take its judge and VAE, rerun from the latents on
 
     def quick(self) -> BuildConfig:
         """A few steps per stage: for smoke tests of the whole build."""
@@ -221,8 +222,9 @@ def train_teacher(latent_mean, latent_std, scaling_factor: float, captions, toke
         list(captions), padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    # The toy captions are short: run the text encoder on the used prefix only (causal mask: same outputs).
-    used = int((ids != tokenizer.pad_token_id).sum(1).max().item()) + 1
+    # The whole 77-token context, as the pipeline encodes prompts: the UNet's cross-attention sees the padding
+    # tokens' states at sampling time, so it must see them in training too (a prefix-only run drew the
+    # prompted attributes 31-39% of the time at DDIM 25 through the pipeline, 96% with prefix-only embeddings).
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     start = time.perf_counter()
     for step in range(cfg.unet_steps):
@@ -237,7 +239,7 @@ def train_teacher(latent_mean, latent_std, scaling_factor: float, captions, toke
         eps = torch.randn(x0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        context = text_encoder(tok[:, :used])[0]
+        context = text_encoder(tok)[0]
         pred = unet(x_t, t, encoder_hidden_states=context).sample
         w = min_snr_weight(abar[t] / (1 - abar[t]), cfg.min_snr_gamma)
         loss = (w * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
@@ -321,15 +323,32 @@ def build(output_dir: str | Path, cfg: BuildConfig, command: str) -> dict:
     with _stage("data", times):
         train = toy_arrays("train", cfg.train_images, cfg.seed)
         heldout = toy_arrays("heldout", cfg.heldout_images, cfg.seed)
-    with _stage("judge", times):
-        judge = train_judge(train.images, train.labels, steps=cfg.judge_steps, seed=cfg.seed)
-        acc = (judge.predict(heldout.images.float() / 255.0) == heldout.labels).float().mean(0)
-        checks["judge_heldout_accuracy"] = [round(a, 4) for a in acc.tolist()]
-        print(f"  judge held-out accuracy per attribute: {checks['judge_heldout_accuracy']}", flush=True)
-    with _stage("vae", times):
-        vae = train_vae(train, cfg)
-        checks["vae_heldout"] = vae_check(vae, judge, heldout)
-        print(f"  vae held-out reconstructions: {checks['vae_heldout']}", flush=True)
+    if cfg.reuse is not None:
+        from diffusers import AutoencoderKL
+
+        from .judge import load_judge
+
+        previous = json.loads((Path(cfg.reuse) / "manifest.json").read_text(encoding="utf-8"))
+        judge = load_judge(Path(cfg.reuse) / "judge")
+        vae = AutoencoderKL.from_pretrained(str(Path(cfg.reuse) / "teacher" / "vae")).eval()
+        for name in ("judge", "vae"):
+            times[name] = previous["stage_seconds"][name]
+        checks.update({k: previous["checks"][k] for k in ("judge_heldout_accuracy", "vae_heldout")})
+        checks["reused_judge_and_vae_from"] = {
+            "command": previous["command"],
+            "files": {k: v for k, v in previous["files"].items() if k.startswith(("judge/", "teacher/vae/"))},
+        }
+        print(f"[build] judge and VAE reused from {cfg.reuse} (built by: {previous['command']})", flush=True)
+    else:
+        with _stage("judge", times):
+            judge = train_judge(train.images, train.labels, steps=cfg.judge_steps, seed=cfg.seed)
+            acc = (judge.predict(heldout.images.float() / 255.0) == heldout.labels).float().mean(0)
+            checks["judge_heldout_accuracy"] = [round(a, 4) for a in acc.tolist()]
+            print(f"  judge held-out accuracy per attribute: {checks['judge_heldout_accuracy']}", flush=True)
+        with _stage("vae", times):
+            vae = train_vae(train, cfg)
+            checks["vae_heldout"] = vae_check(vae, judge, heldout)
+            print(f"  vae held-out reconstructions: {checks['vae_heldout']}", flush=True)
     with _stage("latents", times):
         mean, std = encode_all(vae, train.images)
         samples = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
@@ -381,6 +400,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: smoke test only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1: faster under contention)")
     parser.add_argument("--unet_steps", type=int, default=None, help="override the teacher's training steps")
+    parser.add_argument(
+        "--reuse", default=None, help="a previous build's folder: reuse its judge and VAE (same seed), retrain the rest"
+    )
     args = parser.parse_args(argv)
     for name in ("threads", "unet_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -397,6 +419,10 @@ def main(argv=None) -> None:
         cfg = replace(cfg, threads=args.threads)
     if args.unet_steps is not None:
         cfg = replace(cfg, unet_steps=args.unet_steps)
+    if args.reuse is not None:
+        if not (Path(args.reuse) / "manifest.json").is_file():
+            raise SystemExit(f"build.py: error: --reuse {args.reuse!r} has no manifest.json (not a build output)")
+        cfg = replace(cfg, reuse=str(Path(args.reuse).resolve()))
     command = " ".join(["python -m flow_lune.toy.build", *(sys.argv[1:] if argv is None else argv)])
     build(args.output_dir, cfg, command)
 
