@@ -130,14 +130,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--output_dir {out} already holds {taken}; choose a new folder (nothing is overwritten).")
 
 
-def teacher_states(dataset, indices, sigma, generator, uncond_prob, empty_embeds):
-    """x0 and prompt embeddings of ``indices`` with seeded prompt dropout; sigma as given."""
-    from flow_lune.training.data import collate, drop_prompts
-
-    batch = collate([dataset[int(i)] for i in indices])
-    return batch["latents"], drop_prompts(batch["prompt_embeds"], empty_embeds, uncond_prob, generator), sigma
-
-
 def main(args: argparse.Namespace) -> None:
     print(f"Flow Lune assessor: training into {args.output_dir}; loading libraries and the teacher...", flush=True)
     quiet_third_party()
@@ -145,21 +137,24 @@ def main(args: argparse.Namespace) -> None:
     import torch
     from accelerate.logging import get_logger
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
-    from flow_lune.flow import SigmaSampler, flow_state
+    from flow_lune.flow import SigmaSampler
     from flow_lune.training.assessor import Assessor, AssessorConfig
+    from flow_lune.training.assessor_loop import (
+        AssessorStep,
+        pooled_teacher_features,
+        profile_assessor,
+        train_assessor_steps,
+    )
     from flow_lune.training.assessor_training import (
         AssessorTrainingConfig,
         TeacherBlockFeatures,
-        assessor_loss,
         initialise_from_features,
-        make_views,
     )
     from flow_lune.training.block_features import BLOCK_NAMES, block_channels
-    from flow_lune.training.data import DataConfig, collate, drop_prompts, prepare_training_data
+    from flow_lune.training.data import DataConfig, collate, prepare_training_data
     from flow_lune.training.models import load_teacher_from_args, teacher_resolution
-    from flow_lune.training.profile import ProfileAccumulator, save_profile, stratified_sigmas
+    from flow_lune.training.profile import save_profile
 
     logger = get_logger(__name__)
 
@@ -177,7 +172,7 @@ def main(args: argparse.Namespace) -> None:
     teacher.text_encoder.to(accelerator.device)
     teacher.vae.to(accelerator.device)
 
-    # 3. Data: the trainer's sources and caches
+    # 3. Data: the trainer's sources and caches; the teacher's features, sigma sampler and loss settings
     data_config = DataConfig.from_args(args)
     data_config.teacher_id = teacher_id
     dataset = prepare_training_data(data_config, teacher, accelerator)
@@ -201,12 +196,6 @@ def main(args: argparse.Namespace) -> None:
         timestep_label_width=args.timestep_label_width,
     )
 
-    def teacher_features(x0, embeds, sigma, generator):
-        x0 = x0.to(accelerator.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
-        x_sigma = flow_state(x0, eps, sigma.to(x0.device))
-        return features(x_sigma, sigma.to(x0.device), embeds.to(accelerator.device))
-
     # 4. The assessor, sized from the teacher's block channels
     config = AssessorConfig(
         block_channels=block_channels(teacher.unet),
@@ -220,20 +209,19 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Assessor: {assessor.num_parameters() / 1e6:.2f}M parameters over {config.num_blocks} blocks.")
 
     # 5. Feature statistics and k-means patterns: the same seeded states on every process, so no communication
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    pooled = [[] for _ in range(config.num_blocks)]
-    idx = torch.randint(len(dataset), (args.cluster_samples,), generator=gen)
-    sig = sampler.sample(args.cluster_samples, gen)
-    for start in tqdm(
-        range(0, args.cluster_samples, args.train_batch_size),
-        desc="Clustering teacher features",
-        disable=not accelerator.is_local_main_process,
-    ):
-        part = slice(start, start + args.train_batch_size)
-        x0, embeds, s = teacher_states(dataset, idx[part], sig[part], gen, args.uncond_prob, empty_embeds)
-        for b, f in enumerate(teacher_features(x0, embeds, s, gen)):
-            pooled[b].append(f.cpu())
-    initialise_from_features(assessor, [torch.cat(p) for p in pooled], seed=args.seed)
+    pooled = pooled_teacher_features(
+        features,
+        dataset,
+        sampler,
+        args.cluster_samples,
+        args.train_batch_size,
+        torch.Generator().manual_seed(args.seed + 1),
+        args.uncond_prob,
+        empty_embeds,
+        accelerator.device,
+        show_progress=accelerator.is_local_main_process,
+    )
+    initialise_from_features(assessor, pooled, seed=args.seed)
 
     # 6. Optimizer, scheduler, prepare
     optimizer = torch.optim.AdamW(assessor.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -247,67 +235,43 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         accelerator.init_trackers("flow-lune-assessor", config={k: v for k, v in vars(args).items() if v is not None})
 
-    # 7. Train
-    step_gen = torch.Generator().manual_seed(args.seed + 1000 * (accelerator.process_index + 1))
-    progress = tqdm(range(args.max_train_steps), desc="Assessor steps", disable=not accelerator.is_local_main_process)
-    step = 0
-    while step < args.max_train_steps:
-        for batch in dataloader:
-            x0 = batch["latents"].float()
-            if len(x0) < 2:
-                continue  # a last batch of one has no negatives
-            embeds = drop_prompts(batch["prompt_embeds"], empty_embeds, args.uncond_prob, step_gen)
-            sigma = sampler.sample(len(x0), step_gen).to(x0.device)
-            views = make_views(x0, sigma, training_config, step_gen)
-            both = features(
-                torch.cat([views.x_sigma1, views.x_sigma2]),
-                torch.cat([views.sigma1, views.sigma2]),
-                torch.cat([embeds, embeds]),
-            )
-            n = len(x0)
-            with accelerator.accumulate(model):
-                loss = assessor_loss(
-                    assessor,
-                    [f[:n] for f in both],
-                    [f[n:] for f in both],
-                    views.sigma1,
-                    views.sigma2,
-                    training_config,
-                    model=model,
-                )
-                accelerator.backward(loss.total)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            step += 1
-            progress.update(1)
-            logs = {
-                "loss": loss.total.item(),
-                "timestep_ce": loss.timestep.item(),
-                "pattern_ce": loss.pattern.item(),
-                "contrastive": loss.contrastive.item(),
-                "timestep_acc": loss.timestep_accuracy.item(),
-            }
-            progress.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['timestep_acc']:.2f}")
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                accelerator.log({**logs, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            if step >= args.max_train_steps:
-                break
-    progress.close()
+    # 7. Train: one AssessorStep per batch, logged every --logging_steps
+    assessor_step = AssessorStep(
+        accelerator=accelerator,
+        assessor=assessor,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        features=features,
+        sampler=sampler,
+        training_config=training_config,
+        empty_embeds=empty_embeds,
+        uncond_prob=args.uncond_prob,
+        generator=torch.Generator().manual_seed(args.seed + 1000 * (accelerator.process_index + 1)),
+    )
+    step = train_assessor_steps(
+        assessor_step,
+        dataloader,
+        args.max_train_steps,
+        args.logging_steps,
+        show_progress=accelerator.is_local_main_process,
+    )
     accelerator.wait_for_everyone()
 
-    # 8. Profile (main process): evenly many states per sigma bin
     if accelerator.is_main_process:
+        # 8. Profile (main process): evenly many states per sigma bin
         assessor = accelerator.unwrap_model(model).eval()
-        prof_gen = torch.Generator().manual_seed(args.seed + 2)
-        sigmas = stratified_sigmas(args.profile_samples, config.num_bins, prof_gen)
-        idx = torch.randint(len(dataset), (args.profile_samples,), generator=prof_gen)
-        acc = ProfileAccumulator(assessor)
-        for start in tqdm(range(0, args.profile_samples, args.profile_batch_size), desc="Profiling"):
-            part = slice(start, start + args.profile_batch_size)
-            x0, embeds, s = teacher_states(dataset, idx[part], sigmas[part], prof_gen, args.uncond_prob, empty_embeds)
-            acc.update(teacher_features(x0.float(), embeds, s, prof_gen), s)
-        profile = acc.result()
+        profile = profile_assessor(
+            assessor,
+            features,
+            dataset,
+            args.profile_samples,
+            args.profile_batch_size,
+            torch.Generator().manual_seed(args.seed + 2),
+            args.uncond_prob,
+            empty_embeds,
+            accelerator.device,
+        )
 
         # 9. Save: config.json, model.safetensors, profile.json, profile.png
         assessor.save_pretrained(output_dir)
