@@ -49,10 +49,13 @@ setup(
         "pillow>=10",  # image grids, image datasets
         "matplotlib>=3.7",  # every chart (training/plots.py): Axes.set_yticks(labels=...), colormaps registry
         "numpy>=1.26",
+        "torchmetrics>=1.4",  # evaluation: FrechetInceptionDistance(feature=<module>), CLIPScore
     ],
     extras_require={
         # wheel: tests/test_packaging.py builds the wheel offline (setuptools < 70.1 has no bdist_wheel of its own)
-        "test": ["pytest>=8", "ruff>=0.6", "wheel>=0.40"],
+        # scipy: an independent Frechet distance in a test
+        "test": ["pytest>=8", "ruff>=0.6", "wheel>=0.40", "scipy>=1.10"],
+        "inception-fid": ["torch-fidelity>=0.3"],  # torchmetrics' Inception network for real-model FID
     },
     entry_points={
         "console_scripts": [

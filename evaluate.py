@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Evaluate a Flow Lune student and/or an epsilon SD1.5 teacher over prompts, step counts and guidance scales.
+
+Toy world (the default prompts, the shipped toy teacher and judge):
+
+    python evaluate.py --student flow-lune-output/pipeline --output_dir eval-out
+
+writes ``eval.json`` (per setting: the judge's accuracy overall and per attribute, toy FID against held-out
+real images and against the teacher's DDIM samples, same-noise agreement with the teacher, images per
+second), ``grid.png`` (each prompt under its tile) and ``chart.png`` (quality against steps, teacher and
+student on one chart). With ``--prompts_file`` (real SD1.5 models) it computes torchmetrics' CLIP score and,
+with ``--reference_images``, its Inception FID instead of the judge's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_STEPS = [1, 2, 4, 8, 25]  # accuracy saturates at many steps; the differences live at few
+DEFAULT_GUIDANCE = [2.0, 3.0]  # the toy teacher reaches its best accuracy/FID trade-off here
+DEFAULT_NUM_PROMPTS = 96  # the first 96 held-out captions: each of the 48 combinations twice
+DEFAULT_HELDOUT = 480  # held-out real images for the toy FID reference (10 per combination)
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIP score model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a Flow Lune student and/or its SD1.5 teacher.")
+    g = parser.add_argument_group("models")
+    g.add_argument("--student", default=None, help="a FlowLunePipeline folder or a Flow Lune .safetensors file")
+    g.add_argument("--config", default=None, help="for a single-file student: a local pipeline folder with its configs")
+    g.add_argument(
+        "--teacher",
+        default="toy",
+        help="an SD1.5 pipeline folder; 'toy' (default) = the shipped toy teacher; 'none' to skip",
+    )
+    g.add_argument(
+        "--teacher_samplers",
+        nargs="+",
+        default=["ddim"],
+        choices=["ddim", "bridge"],
+        help="ddim (default): diffusers' DDIM; bridge: the teacher via FlowLunePipeline.from_teacher, Euler",
+    )
+    g.add_argument(
+        "--shift", type=float, default=None, help="bridge sampler's shift (default: the student's, else 1.0)"
+    )
+    g = parser.add_argument_group("settings")
+    g.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS, help="sampling step counts")
+    g.add_argument(
+        "--guidance", type=float, nargs="+", default=DEFAULT_GUIDANCE, help="classifier-free guidance scales"
+    )
+    g.add_argument(
+        "--reference_steps",
+        type=int,
+        default=None,
+        help="teacher DDIM steps of the reference images (default: the largest of --steps)",
+    )
+    g.add_argument("--num_prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="toy prompts from the held-out split")
+    g.add_argument(
+        "--prompts_file", default=None, help="one prompt per line: real-model mode (CLIP score, Inception FID)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="noise seed: image i starts from the same z for every model")
+    g.add_argument("--batch_size", type=int, default=48, help="images per pipeline call")
+    g = parser.add_argument_group("metrics")
+    g.add_argument("--judge", default="toy", help="judge folder; 'toy' (default) = the shipped judge")
+    g.add_argument("--heldout_images", type=int, default=DEFAULT_HELDOUT, help="held-out real images for the toy FID")
+    g.add_argument("--reference_images", default=None, help="real mode: a folder of reference images for Inception FID")
+    g.add_argument(
+        "--clip_model", default=DEFAULT_CLIP, help="real mode: CLIP model id or local folder; 'none' to skip"
+    )
+    g.add_argument(
+        "--fid_feature", type=int, default=2048, choices=[64, 192, 768, 2048], help="real mode: Inception feature layer"
+    )
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", required=True, help="where eval.json, grid.png and chart.png go")
+    g.add_argument("--grid_columns", type=int, default=8, help="prompts shown in the grid")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    for name in ("num_prompts", "batch_size", "heldout_images", "grid_columns"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_prompts < 2:
+        parser.error(
+            f"--num_prompts must be >= 2 (FID and the different-noise floor need two images), got {args.num_prompts}"
+        )
+    if any(s < 1 for s in args.steps):
+        parser.error(f"--steps must all be >= 1, got {args.steps}")
+    if any(g < 1.0 for g in args.guidance):
+        parser.error(f"--guidance scales must be >= 1 (1 disables guidance), got {args.guidance}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.student is None and args.teacher == "none":
+        parser.error("nothing to evaluate: give --student, or a --teacher other than 'none'")
+    if args.student is not None and not Path(args.student).exists():
+        parser.error(f"--student {args.student!r}: no such file or folder")
+    if args.student is not None and Path(args.student).is_file() and args.config is None:
+        parser.error("--student is a single file: pass --config, a local pipeline folder with its configs")
+    if args.teacher not in ("toy", "none") and not Path(args.teacher).is_dir():
+        parser.error(f"--teacher {args.teacher!r}: no such folder (pass an SD1.5 pipeline folder, 'toy' or 'none')")
+    if args.prompts_file is not None and not Path(args.prompts_file).is_file():
+        parser.error(f"--prompts_file {args.prompts_file!r}: no such file")
+    if args.reference_images is not None and not Path(args.reference_images).is_dir():
+        parser.error(f"--reference_images {args.reference_images!r}: no such folder")
+    if args.prompts_file is None and args.reference_images is not None:
+        parser.error("--reference_images is for real-model mode: pass --prompts_file too")
+    if args.reference_steps is not None and args.reference_steps < 1:
+        parser.error(f"--reference_steps must be >= 1, got {args.reference_steps}")
+    return args
+
+
+def read_prompts(path: str) -> list[str]:
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts_file {path!r} holds no prompts.")
+    return prompts
+
+
+def read_images(folder: str, size: int) -> torch.Tensor:
+    """Every image in ``folder`` (png, jpg, webp), centre-cropped and resized to ``size``, in [0, 1]."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if len(files) < 2:
+        raise ValueError(f"--reference_images {folder!r} holds {len(files)} images; FID needs at least 2.")
+    out = []
+    for p in files:
+        image = ImageOps.fit(Image.open(p).convert("RGB"), (size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def main(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    from flow_lune.evaluation import (
+        clip_score,
+        fixed_noise,
+        inception_fid,
+        judge_accuracy,
+        load_pipeline,
+        make_runner,
+        same_noise_agreement,
+        sample_all,
+        toy_fid,
+        write_chart,
+        write_grid,
+        write_json,
+    )
+    from flow_lune.evaluation.sampling import is_flow_pipeline
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. Prompts and mode.
+    toy = args.prompts_file is None
+    if toy:
+        from flow_lune.toy import heldout_prompts
+
+        prompts = heldout_prompts(args.num_prompts)
+    else:
+        prompts = read_prompts(args.prompts_file)
+
+    # 2. Models and their runners (the teacher's reference sampler first).
+    runners = []
+    teacher = None
+    if args.teacher != "none":
+        from flow_lune.toy import teacher_path
+
+        teacher = load_pipeline(teacher_path() if args.teacher == "toy" else args.teacher)
+        if is_flow_pipeline(teacher):
+            raise ValueError(f"--teacher {args.teacher!r} is a FlowLunePipeline; pass it as --student.")
+    student = load_pipeline(args.student, args.config) if args.student is not None else None
+    if student is not None and not is_flow_pipeline(student):
+        raise ValueError(f"--student {args.student!r} is an epsilon SD1.5 pipeline; pass it as --teacher.")
+    if teacher is not None:
+        shift = (
+            args.shift if args.shift is not None else (student.scheduler.config.shift if student is not None else 1.0)
+        )
+        runners += [make_runner("teacher", teacher, s, shift=shift) for s in args.teacher_samplers]
+    if student is not None:
+        runners.append(make_runner("student", student, "euler"))
+    unet = runners[0].pipe.unet
+    sample_size = unet.config.sample_size
+    noise = fixed_noise(len(prompts), (unet.config.in_channels, sample_size, sample_size), args.seed)
+    reference_steps = args.reference_steps or max(args.steps)
+
+    # 3. Metric references.
+    judge = real = None
+    report: dict = {"prompts": prompts, "seed": args.seed, "mode": "toy" if toy else "real", "reference": {}}
+    if toy:
+        from flow_lune.toy import judge_path, toy_arrays
+        from flow_lune.toy.judge import load_judge
+
+        judge = load_judge(judge_path() if args.judge == "toy" else args.judge)
+        heldout = toy_arrays("heldout", args.heldout_images, seed=0)
+        real = heldout.images.float() / 255.0
+        train_real = toy_arrays("train", args.heldout_images, seed=0).images.float() / 255.0
+        report["reference"]["toy_fid_heldout_vs_train"] = toy_fid(judge, real, train_real)
+        report["reference"]["judge_accuracy_heldout"] = judge_accuracy(judge, real, heldout.captions)
+    elif args.reference_images is not None:
+        real = read_images(args.reference_images, sample_size * 8)
+
+    # 4. Sample every setting; the teacher's DDIM reference images first.
+    settings = [(r, g, s) for g in args.guidance for r in runners for s in args.steps]
+    has_ddim_teacher = teacher is not None and "ddim" in args.teacher_samplers
+    ref_runner = next((r for r in runners if r.name == "teacher" and r.sampler == "ddim"), None)
+    total = len(prompts) * (
+        len(settings) + (len(args.guidance) if has_ddim_teacher and reference_steps not in args.steps else 0)
+    )
+    bar = tqdm(total=total, unit="img", desc="sampling", disable=args.no_progress, file=sys.stderr)
+    references: dict[float, torch.Tensor] = {}
+    if ref_runner is not None:
+        for g in args.guidance:
+            if reference_steps not in args.steps:
+                references[g], _ = sample_all(
+                    ref_runner, prompts, noise, reference_steps, g, args.batch_size, bar.update
+                )
+    results, grid_rows = [], []
+    for runner, g, steps in settings:
+        bar.set_postfix_str(f"{runner.label} {steps} steps g={g:g}")
+        images, ips = sample_all(runner, prompts, noise, steps, g, args.batch_size, bar.update)
+        if runner is ref_runner and steps == reference_steps:
+            references[g] = images
+        row = {"model": runner.name, "sampler": runner.sampler, "steps": steps, "guidance": g, "images_per_second": ips}
+        if toy:
+            acc = judge_accuracy(judge, images, prompts)
+            row.update({"accuracy": acc["all"], "accuracy_per_attribute": {k: v for k, v in acc.items() if k != "all"}})
+            row["toy_fid_real"] = toy_fid(judge, real, images)
+        else:
+            if args.clip_model != "none":
+                row["clip_score"] = clip_score(images, prompts, args.clip_model)
+            if real is not None:
+                row["inception_fid"] = inception_fid(real, images, args.fid_feature)
+        row["_images"] = images
+        results.append(row)
+        if g == args.guidance[0]:
+            grid_rows.append((f"{runner.label} {steps} steps g={g:g}", images[: args.grid_columns]))
+    bar.close()
+
+    # 5. Comparisons with the teacher's reference images (same guidance).
+    for row in results:
+        images = row.pop("_images")
+        ref = references.get(row["guidance"])
+        if ref is None:
+            continue
+        row["reference"] = f"teacher ddim {reference_steps} steps"
+        if row["model"] == "teacher" and row["sampler"] == "ddim" and row["steps"] == reference_steps:
+            row["is_reference"] = True  # compared with itself: no agreement or FID to report
+            continue
+        row.update(same_noise_agreement(images, ref, prompts))
+        if toy:
+            row["toy_fid_teacher"] = toy_fid(judge, ref, images)
+
+    # 6. Report.
+    report["settings"] = results
+    report["reference_steps"] = reference_steps
+    write_json(out_dir / "eval.json", report)
+    write_grid(out_dir / "grid.png", grid_rows, prompts, columns=args.grid_columns)
+    metrics = (
+        ["accuracy", "toy_fid_real", "same_noise_psnr"] if toy else ["clip_score", "inception_fid", "same_noise_psnr"]
+    )
+    write_chart(out_dir / "chart.png", results, metrics)
+    print_table(results, toy)
+    print(f"wrote {out_dir / 'eval.json'}, {out_dir / 'grid.png'}, {out_dir / 'chart.png'}")
+    return report
+
+
+def print_table(results: list[dict], toy: bool) -> None:
+    cols = ["accuracy", "toy_fid_real", "toy_fid_teacher"] if toy else ["clip_score", "inception_fid"]
+    cols += ["same_noise_psnr", "different_noise_psnr", "images_per_second"]
+    print(f"{'model':<18}{'steps':>6}{'g':>6}" + "".join(f"{c:>22}" for c in cols))
+    for r in results:
+        cells = "".join(f"{r[c]:>22.4f}" if r.get(c) is not None else f"{'-':>22}" for c in cols)
+        print(f"{r['model'] + ' ' + r['sampler']:<18}{r['steps']:>6}{r['guidance']:>6g}" + cells)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    start = time.perf_counter()
+    try:
+        main(args)
+    except ValueError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"done in {time.perf_counter() - start:.0f} s")

@@ -1,0 +1,301 @@
+"""The evaluator: metrics against independent recomputations, the runners, and evaluate.py end to end."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flow_lune.evaluation import (
+    attribute_accuracy,
+    clip_score,
+    inception_fid,
+    other_noise_partner,
+    psnr,
+    same_noise_agreement,
+    toy_fid,
+)
+from flow_lune.tiny import save_tiny_sd_pipeline, tiny_sd_components
+from flow_lune.toy import ATTRIBUTES, judge_path, toy_arrays
+from flow_lune.toy.judge import load_judge
+
+ROOT = Path(__file__).resolve().parents[1]
+# Loaded from its path: a bare `import evaluate` could find Hugging Face's `evaluate` package instead.
+_spec = importlib.util.spec_from_file_location("flow_lune_evaluate_script", ROOT / "evaluate.py")
+evaluate_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evaluate_script)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge(judge_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory):
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-teacher") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def tiny_student_dir(tmp_path_factory):
+    from flow_lune import FlowLunePipeline, FlowLuneScheduler
+
+    parts = tiny_sd_components(seed=5).as_dict()
+    pipe = FlowLunePipeline(**{**parts, "scheduler": FlowLuneScheduler(shift=3.0)})
+    folder = tmp_path_factory.mktemp("tiny-student") / "pipe"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+
+
+def test_psnr_and_accuracy_by_hand():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[0] += 0.1
+    b[1, 0, 0, 0] = 1.0
+    expected = [10 * np.log10(1 / 0.01), 10 * np.log10(48.0)]
+    assert psnr(a, b).tolist() == pytest.approx(expected, rel=1e-5)
+    pred = torch.tensor([[0, 1, 2], [0, 0, 2], [1, 1, 2], [0, 1, 3]])
+    acc = attribute_accuracy(pred, torch.tensor([[0, 1, 2]] * 4))
+    assert acc == pytest.approx({"all": 0.25, "shape": 0.75, "colour": 0.75, "position": 0.75})
+    with pytest.raises(ValueError, match="must both be"):
+        attribute_accuracy(pred[:, :2], pred[:, :2])
+
+
+def test_other_noise_partner_picks_the_same_prompt():
+    assert other_noise_partner(["a", "b", "a", "b"]) == [2, 3, 0, 1]
+    assert other_noise_partner(["a", "b", "c"]) == [1, 2, 0]
+    x = torch.rand(4, 3, 8, 8)
+    out = same_noise_agreement(x, x, ["p", "q", "p", "q"])
+    assert out["same_noise_psnr"] == pytest.approx(100.0) and out["different_noise_psnr"] < 30
+
+
+def test_toy_fid_matches_an_independent_frechet_distance(judge):
+    """torchmetrics on the judge's features = ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))`` by scipy."""
+    linalg = pytest.importorskip("scipy.linalg")
+
+    real = toy_arrays("heldout", 144).images.float() / 255.0
+    fake = toy_arrays("train", 144).images.float() / 255.0
+    fake = (fake + 0.15 * torch.randn(fake.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    with torch.no_grad():
+        f1, f2 = (judge.features(x).double().numpy() for x in (real, fake))
+    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    got = toy_fid(judge, real, fake)
+    assert got == pytest.approx(expected, rel=2e-3)
+    assert toy_fid(judge, real, real) < 1e-3 * got
+
+
+# --- real-model metrics, offline on tiny components ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from flow_lune.tiny import byte_level_vocab, tiny_tokenizer
+
+    text = dict(
+        vocab_size=len(byte_level_vocab()),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    folder = tmp_path_factory.mktemp("tiny-clip") / "clip"
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_offline_on_a_tiny_local_clip(tiny_clip_dir):
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    score = clip_score(images, ["a cat", "a dog", "a red circle"], tiny_clip_dir)
+    assert 0.0 <= score <= 100.0 and np.isfinite(score)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(images, ["a cat"], tiny_clip_dir)
+
+
+class TinyFeatures(torch.nn.Module):
+    """A stand-in for Inception: 8 fixed random projections of 4x4-pooled uint8 images."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(48, 8)
+        self.num_features = 8
+
+    def forward(self, x):
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1)).double()
+
+
+def test_inception_fid_path_with_a_tiny_feature_module():
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    torch.manual_seed(0)
+    feature = TinyFeatures()
+    a = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    b = (a * 0.5).clamp(0, 1)
+    assert inception_fid(a, a, feature) < 1e-6 < inception_fid(a, b, feature)
+    if not _TORCH_FIDELITY_AVAILABLE:
+        with pytest.raises(ValueError, match="torch-fidelity"):
+            inception_fid(a, b, 2048)
+
+
+# --- evaluate.py -----------------------------------------------------------------------------------------------
+
+
+def run_main(argv):
+    return evaluate_script.main(evaluate_script.parse_args([*argv, "--no_progress"]))
+
+
+def test_evaluate_tiny_random_teacher_and_student_judge_near_chance(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    """End to end on random weights: files written, and the judge reads about chance (the metric can fail)."""
+    out = tmp_path / "eval"
+    report = run_main(
+        [
+            "--teacher",
+            str(tiny_teacher_dir),
+            "--student",
+            str(tiny_student_dir),
+            "--steps",
+            "1",
+            "2",
+            "--guidance",
+            "3",
+            "--num_prompts",
+            "48",
+            "--heldout_images",
+            "96",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["settings"] == json.loads(json.dumps(report["settings"]))
+    labels = {(s["model"], s["sampler"], s["steps"]) for s in saved["settings"]}
+    assert labels == {(m, s, k) for m, s in [("teacher", "ddim"), ("student", "euler")] for k in (1, 2)}
+    chance = {"shape": 1 / 3, "colour": 1 / 4, "position": 1 / 4}
+    for s in saved["settings"]:
+        assert s["accuracy"] <= 0.1
+        for name in ATTRIBUTES:
+            assert s["accuracy_per_attribute"][name] <= chance[name] + 0.2
+        assert s["toy_fid_real"] > 10 * saved["reference"]["toy_fid_heldout_vs_train"]
+        if not s.get("is_reference"):
+            assert s["same_noise_psnr"] > 0 and "toy_fid_teacher" in s
+    assert min(saved["reference"]["judge_accuracy_heldout"].values()) >= 0.99
+    for name in ("grid.png", "chart.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 400
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[1] == 4 * (128 + 3 * 13 + 6)  # 2 samplers x 2 step counts, prompts under the tiles
+
+
+def test_evaluate_toy_teacher_draws_the_prompts(tmp_path):
+    report = run_main(
+        [
+            "--steps",
+            "8",
+            "--guidance",
+            "3",
+            "--num_prompts",
+            "12",
+            "--heldout_images",
+            "48",
+            "--output_dir",
+            str(tmp_path),
+            "--teacher_samplers",
+            "ddim",
+            "bridge",
+            "--grid_columns",
+            "4",
+        ]
+    )
+    by = {s["sampler"]: s for s in report["settings"]}
+    assert by["ddim"]["accuracy"] >= 0.75 and by["bridge"]["accuracy"] >= 0.5
+    assert by["bridge"]["same_noise_psnr"] > by["bridge"]["different_noise_psnr"]
+
+
+def test_evaluate_real_mode_offline(tiny_teacher_dir, tiny_clip_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse\na cat on a mat\n")
+    report = run_main(
+        [
+            "--teacher",
+            str(tiny_teacher_dir),
+            "--prompts_file",
+            str(prompts),
+            "--clip_model",
+            str(tiny_clip_dir),
+            "--steps",
+            "1",
+            "--guidance",
+            "2",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert report["mode"] == "real" and 0 <= report["settings"][0]["clip_score"] <= 100
+    assert (tmp_path / "o" / "chart.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--steps", "0"], "--steps must all be >= 1"),
+        (["--student", "/nonexistent/x"], "no such file or folder"),
+        (["--teacher", "none"], "nothing to evaluate"),
+        (["--guidance", "0.5"], "--guidance scales must be >= 1"),
+        (["--reference_images", "."], "real-model mode"),
+    ],
+)
+def test_evaluate_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate_script.parse_args([*argv, "--output_dir", "x"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: " in err and message in err
+
+
+def test_evaluate_single_file_needs_config(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--student", str(f), "--output_dir", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "error: --student is a single file: pass --config" in result.stderr
+
+
+def test_single_file_student_loads_with_its_shift_and_samples_like_its_folder(tiny_student_dir, tmp_path):
+    from flow_lune.convert import convert_to_single_file
+    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner
+
+    single = tmp_path / "student.safetensors"
+    convert_to_single_file(tiny_student_dir, single, progress=False)
+    from_file = load_pipeline(single, config=tiny_student_dir)
+    from_folder = load_pipeline(tiny_student_dir)
+    assert from_file.scheduler.config.shift == from_folder.scheduler.config.shift == 3.0
+    noise = fixed_noise(2, (4, 8, 8), seed=0)
+    prompts = ["a red circle at the left", "a blue square at the top"]
+    a = make_runner("student", from_file, "euler").sample(prompts, noise, 2, 3.0)
+    b = make_runner("student", from_folder, "euler").sample(prompts, noise, 2, 3.0)
+    assert a.shape == (2, 3, 64, 64) and torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="sample it with 'euler'"):
+        make_runner("student", from_folder, "ddim")
