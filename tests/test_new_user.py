@@ -34,7 +34,8 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def tiny_args(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
     return [
-        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--num_generated", "4",
+        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--pretrained_teacher_model", "tiny",
+        "--num_generated", "4",
         "--generation_steps", "2", "--train_batch_size", "2", "--report_to", "none",
         "--num_validation_inference_steps", "2", "--validation_prompts", "a red square", "--max_train_steps", "2",
         "--learning_rate", "1e-4", "--seed", "3", *extra,
