@@ -162,3 +162,43 @@ def test_short_toy_run_logs_the_judge_and_writes_the_eval_table(tmp_path):
     summary = (out / "eval" / "summary.md").read_text()
     assert "| student | euler | 1 |" in summary and "| teacher | ddim | 2 |" in summary
     assert (out / "eval" / "grid.png").is_file()
+
+
+class _OneProcess:
+    """Stands in for the Accelerator in ``materialize_toy_data``: the main process, no one to wait for."""
+
+    is_main_process = True
+
+    def main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_toy_data_is_written_once_and_read_as_an_image_source(tmp_path, monkeypatch):
+    import argparse
+
+    import flow_lune.training.recipe as recipe
+    from flow_lune.toy import parse_caption
+    from flow_lune.training.data import DataConfig
+    from flow_lune.training.sources import resolve_source
+
+    monkeypatch.setattr(recipe, "TOY_TRAIN_IMAGES", 48)  # the real default writes 4800 (~10 s)
+    args = argparse.Namespace(train_data_dir="toy", prompts_file=None, cache_dir=str(tmp_path / "cache"))
+    recipe.materialize_toy_data(args, _OneProcess())
+    folder = Path(args.train_data_dir)
+    assert folder.parent == tmp_path / "cache" / "toy-world" and (folder / "train" / "metadata.jsonl").is_file()
+    stamp = (folder / "train" / "metadata.jsonl").stat().st_mtime_ns
+    again = argparse.Namespace(train_data_dir="toy", prompts_file=None, cache_dir=str(tmp_path / "cache"))
+    recipe.materialize_toy_data(again, _OneProcess())
+    assert again.train_data_dir == args.train_data_dir
+    assert (folder / "train" / "metadata.jsonl").stat().st_mtime_ns == stamp  # written once
+
+    source = resolve_source(DataConfig(train_data_dir=args.train_data_dir, resolution=64, cache_dir=args.cache_dir))
+    assert source.kind == "images" and len(source.prompts) == 48
+    assert len({tuple(parse_caption(p).values()) for p in source.prompts}) == 48  # every combination once
+
+    captions = argparse.Namespace(train_data_dir=None, prompts_file="toy", cache_dir=str(tmp_path / "cache"))
+    recipe.materialize_toy_data(captions, _OneProcess())
+    lines = Path(captions.prompts_file).read_text().splitlines()
+    assert len(lines) == len(set(lines)) == 48 and all(parse_caption(line) for line in lines)
