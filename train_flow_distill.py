@@ -462,7 +462,7 @@ def main(args: argparse.Namespace) -> Path:
         )
 
     if global_step == 0:
-        with times.phase("validation"):
+        with times.phase("initial_validation"):
             read_with_judge(0, with_teacher=True)  # the untrained student (and the teacher) as the starting point
 
     # 9. Train: one DistillationStep per micro-batch; logging, checkpoints and validation at optimizer steps
