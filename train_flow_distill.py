@@ -3,10 +3,15 @@
 
     accelerate launch train_flow_distill.py --output_dir flow-lune-output
 
-Without ``--pretrained_teacher_model`` a tiny SD1.5 teacher is built offline, so the command above runs in
-a few minutes on a CPU. Several CPU processes: ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2
-train_flow_distill.py ...``. The math lives in ``flow_lune.training`` (DESIGN.md sections 2 to 7); this
-script only wires it together, in the layout of diffusers' example trainers.
+Without ``--pretrained_teacher_model`` this is the toy world's default job: it distils the shipped toy teacher
+(``flow_lune.toy.teacher_path()``) on the toy images with a recipe sized for 2 CPU cores, logs the judge's
+accuracy at each validation, and ends with an evaluation table (``eval/summary.md``). With a teacher given the
+defaults are SD1.5's; ``flow_lune.settings`` holds both recipes, and a flag the user gives always wins.
+``--pretrained_teacher_model tiny`` is a tiny random-weight teacher for fast tests.
+
+Several CPU processes: ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train_flow_distill.py ...``. The math
+lives in ``flow_lune.training`` (DESIGN.md sections 2 to 7); this script only wires it together, in the layout of
+diffusers' example trainers.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 # Only torch-free modules here: --help and argument errors return before torch, diffusers or accelerate load.
@@ -27,7 +33,6 @@ from flow_lune.settings import (
     KD_WEIGHT,
     LOSS_WEIGHTINGS,
     RELIABILITY_THRESHOLD,
-    SAMPLING,
     FusionConfig,
 )
 from flow_lune.training.cli import (
@@ -41,6 +46,7 @@ from flow_lune.training.cli import (
     run_script,
     start_run,
 )
+from flow_lune.training.recipe import check_recipe_flags, resolve_recipe
 from flow_lune.training.run_state import (
     PIPELINE_DIRNAME,
     SINGLE_FILE_NAME,
@@ -55,11 +61,7 @@ from flow_lune.training.run_state import (
 )
 
 logger = None  # accelerate's logger, made in main() once accelerate is imported
-
-DEFAULT_VALIDATION_PROMPTS = (
-    "a photograph of a lighthouse on a cliff at sunset",
-    "a watercolor painting of a red fox in a snowy forest",
-)
+RECIPE_DEFAULT = "default: the recipe's (flow_lune.settings)"  # help text of a flag the recipe fills
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -126,12 +128,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "the new run has started. Without it, repeating the command of a finished run says so and exits.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seeds data order, sigmas, noise, dropout, caches.")
-    parser.add_argument("--train_batch_size", type=int, default=4, help="Per process.")
-    parser.add_argument("--num_train_epochs", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    parser.add_argument("--train_batch_size", type=int, default=None, help=f"Per process; {RECIPE_DEFAULT}.")
+    parser.add_argument("--num_train_epochs", type=int, default=None, help="Default 1, when no step count is set.")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help=f"Overrides --num_train_epochs; {RECIPE_DEFAULT}."
+    )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=1e-5, help="Full fine-tuning of SD1.5's UNet.")
+    parser.add_argument("--learning_rate", type=float, default=None, help=RECIPE_DEFAULT)
     parser.add_argument("--scale_lr", action="store_true", help="Multiply lr by accumulation * batch * processes.")
     parser.add_argument(
         "--lr_scheduler",
@@ -153,6 +157,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument(
+        "--torch_threads", type=int, default=None, help=f"torch.set_num_threads (0: torch's); {RECIPE_DEFAULT}."
+    )
+    parser.add_argument(
         "--max_nonfinite_steps", type=int, default=10, help="Stop after this many non-finite losses in a row."
     )
     # ----------Logging, Checkpoints, Validation----------
@@ -163,20 +170,42 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoints_total_limit", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
     parser.add_argument(
-        "--validation_steps", type=int, default=500, help="Teacher/student grid every N steps and at the end."
+        "--validation_steps",
+        type=int,
+        default=None,
+        help=f"Teacher/student grid every N steps and at the end; {RECIPE_DEFAULT}.",
     )
-    parser.add_argument("--validation_prompts", type=str, nargs="+", default=list(DEFAULT_VALIDATION_PROMPTS))
+    parser.add_argument("--validation_prompts", type=str, nargs="+", default=None, help=RECIPE_DEFAULT)
+    parser.add_argument("--num_validation_inference_steps", type=int, default=None, help=RECIPE_DEFAULT)
     parser.add_argument(
-        "--num_validation_inference_steps", type=int, default=SAMPLING.steps, help="The recommended sampling steps."
+        "--validation_guidance_scale", type=float, default=None, help=f"Also the evaluation's; {RECIPE_DEFAULT}."
     )
     parser.add_argument(
-        "--validation_guidance_scale", type=float, default=SAMPLING.guidance_scale, help="The recommended guidance."
+        "--judge_prompts",
+        type=int,
+        default=None,
+        help=f"Toy teacher: held-out toy prompts the judge reads at each validation (0: off); {RECIPE_DEFAULT}.",
+    )
+    parser.add_argument(
+        "--eval_prompts",
+        type=int,
+        default=None,
+        help=f"Toy teacher: toy prompts of the evaluation after training (0: none); {RECIPE_DEFAULT}.",
+    )
+    parser.add_argument(
+        "--eval_steps",
+        type=int,
+        nargs="+",
+        default=[25, 8, 4],  # teacher DDIM 25 is the reference; the student's few-step settings are the question
+        help="Sampling steps of the evaluation (teacher DDIM and student Euler); the largest is the reference.",
     )
     parser.add_argument("--no_single_file", action="store_true", help="Skip the single-file + workflow export.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output once, at the end.")
     parser.add_argument("--hub_model_id", type=str, default=None, help="Repository id; the token comes from HF_TOKEN.")
 
+    parser.set_defaults(num_generated=None, generation_guidance=None)  # filled by the recipe
     args = parser.parse_args(input_args)
+    args.recipe_log = resolve_recipe(args).lines(args.pretrained_teacher_model or "toy")
     try:
         resolve_objective_defaults(args)  # --kd_weight, --block_penalty_weight, --uncond_prob depend on --objective
         check_args(args)
@@ -201,6 +230,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
     FusionConfig(args.fusion_alpha, args.fusion_beta, args.fusion_delta, args.lambda_min, args.lambda_max)
     check_shared_arguments(args)
+    check_recipe_flags(args)
     if args.timestep_sampling == "adaptive" and args.assessor == "none":
         raise ValueError("--timestep_sampling adaptive needs --assessor PATH (it reads PATH/profile.json).")
     if args.assessor != "none" and not Path(args.assessor).is_dir():
@@ -261,6 +291,8 @@ def main(args: argparse.Namespace) -> Path:
                 push_to_hub(output_dir, args.hub_model_id, token=os.environ.get("HF_TOKEN"))
         return output_dir / PIPELINE_DIRNAME
 
+    if main_process:
+        print("\n".join(args.recipe_log), file=sys.stderr)
     print(f"Flow Lune: training into {output_dir}; loading libraries and the teacher...", file=sys.stderr, flush=True)
     quiet_third_party()
     global logger
@@ -288,16 +320,18 @@ def main(args: argparse.Namespace) -> Path:
         push_to_hub,
         recommended_sampling,
     )
-    from flow_lune.training.metrics import TrainingLog, read_metrics
+    from flow_lune.training.metrics import PhaseTimes, TrainingLog, read_metrics
     from flow_lune.training.models import build_student, load_teacher_from_args, prepare_student, teacher_resolution
     from flow_lune.training.objective import ObjectiveConfig
     from flow_lune.training.optimization import build_lr_scheduler, build_optimizer
     from flow_lune.training.plots import plot_training
+    from flow_lune.training.recipe import materialize_toy_data
     from flow_lune.training.seeds import RandomStreams
     from flow_lune.training.step import DistillationStep, ReflowStep
-    from flow_lune.training.validation import log_validation
+    from flow_lune.training.validation import judge_validation, log_validation
 
     logger = get_logger(__name__, log_level="INFO")
+    times = PhaseTimes()  # timings.json: data, training, validation, export, evaluation (bench_default_job.py)
 
     # 1. Accelerator, logging, seed, output folder (an old one set aside with --overwrite_output_dir)
     accelerator = start_run(args, args.gradient_accumulation_steps)
@@ -307,6 +341,8 @@ def main(args: argparse.Namespace) -> Path:
         if set_aside_dir is not None:
             logger.info(f"--overwrite_output_dir: the old {output_dir} is set aside as {set_aside_dir}")
     accelerator.wait_for_everyone()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -358,7 +394,8 @@ def main(args: argparse.Namespace) -> Path:
     objective = ObjectiveConfig(args.loss_weighting, args.kd_weight, args.block_penalty_weight, args.base_block_weights)
     streams = RandomStreams(args.seed, accelerator.process_index)
 
-    # 5. Data: cached latents x0 and prompt embeddings; for reflow, the pairs (z, x0_hat) and their embeddings
+    # 5. Data: cached latents x0 and prompt embeddings (the toy images or captions written once under --cache_dir);
+    #    for reflow, the pairs (z, x0_hat) and their embeddings
     collate_fn = collate
     if args.objective == "reflow":
         from flow_lune.training.reflow_pairs import ReflowPairs, check_pairs_match, collate_pairs
@@ -366,9 +403,12 @@ def main(args: argparse.Namespace) -> Path:
         train_dataset, collate_fn = ReflowPairs(args.reflow_data), collate_pairs
         check_pairs_match(train_dataset, teacher.text_encoder, args.resolution)
     else:
+        with times.phase("data/toy_set"):
+            materialize_toy_data(args, accelerator)
         data_config = DataConfig.from_args(args)
         data_config.teacher_id = teacher_id
-        train_dataset = prepare_training_data(data_config, teacher, accelerator)
+        with times.phase("data/latents_and_embeddings"):  # VAE encoding, or the teacher's generated latents
+            train_dataset = prepare_training_data(data_config, teacher, accelerator)
     train_sampler = EpochShuffleSampler(len(train_dataset), args.seed)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -420,6 +460,33 @@ def main(args: argparse.Namespace) -> Path:
         atomic_text(output_dir / name, json.dumps(vars(args), indent=2, default=str))
     training_log = TrainingLog(accelerator, output_dir / "metrics.jsonl", total_batch_size, global_step)
 
+    # The judge (toy teacher): its accuracy on the student's samples of held-out toy prompts at each validation
+    judge = judge_prompts = None
+    if args.judge_prompts and accelerator.is_main_process:
+        from flow_lune.toy import heldout_prompts, judge_path
+        from flow_lune.toy.judge import load_judge
+
+        judge, judge_prompts = load_judge(judge_path()), heldout_prompts(args.judge_prompts)
+
+    def read_with_judge(at_step: int, with_teacher: bool = False) -> None:
+        if judge is None:
+            return
+        values = judge_validation(
+            accelerator, student, teacher, judge, judge_prompts, args.shift, args.num_validation_inference_steps,
+            args.validation_guidance_scale, args.seed, ema, with_teacher=with_teacher,
+        )  # fmt: skip
+        training_log.log_values(at_step, values)
+        teacher_part = f"; teacher (bridge, same steps) {values['teacher_judge_accuracy']:.1%}" if with_teacher else ""
+        logger.info(
+            f"Judge at step {at_step}: student accuracy {values['judge_accuracy']:.1%} on {len(judge_prompts)} "
+            f"held-out prompts, Euler {args.num_validation_inference_steps} steps, guidance "
+            f"{args.validation_guidance_scale:g}{teacher_part}"
+        )
+
+    if global_step == 0:
+        with times.phase("initial_validation"):
+            read_with_judge(0, with_teacher=True)  # the untrained student (and the teacher) as the starting point
+
     # 9. Train: one DistillationStep per micro-batch; logging, checkpoints and validation at optimizer steps
     step = (ReflowStep if args.objective == "reflow" else DistillationStep)(
         accelerator, student, teacher_flow, student_hooks, teacher_hooks, block_penalty, objective, sigma_sampler,
@@ -430,6 +497,7 @@ def main(args: argparse.Namespace) -> Path:
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     updates, first_step = 0, global_step  # optimizer steps taken in this process's run
+    loop_start = time.perf_counter()
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -455,20 +523,25 @@ def main(args: argparse.Namespace) -> Path:
                     progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=speed)
 
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                with times.phase("checkpoints"):
+                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
 
             if global_step % args.validation_steps == 0 and global_step != max_train_steps:
                 if accelerator.is_main_process:
-                    log_validation(
-                        accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
-                        args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale,
-                        args.seed, ema,
-                    )  # fmt: skip
+                    with times.phase("validation"):
+                        log_validation(
+                            accelerator, student, teacher, args.validation_prompts, global_step, output_dir,
+                            args.shift, args.resolution, args.num_validation_inference_steps,
+                            args.validation_guidance_scale, args.seed, ema,
+                        )  # fmt: skip
+                        read_with_judge(global_step)
                 accelerator.wait_for_everyone()
             if global_step >= max_train_steps:
                 break
 
-    # 10. Final validation, export and (optional) upload
+    # 10. Final validation, export, evaluation (toy teacher) and (optional) upload
+    loop_seconds = time.perf_counter() - loop_start
+    times.seconds["training"] = loop_seconds - sum(times.seconds.get(k, 0.0) for k in ("validation", "checkpoints"))
     progress_bar.close()
     student_hooks.remove()
     teacher_hooks.remove()
@@ -480,31 +553,87 @@ def main(args: argparse.Namespace) -> Path:
             "--learning_rate."
         )
     if accelerator.is_main_process:
-        log_validation(
-            accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
-            args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
-            samples_for=None if args.no_single_file else SINGLE_FILE_NAME,
-        )  # fmt: skip
+        with times.phase("final_validation"):
+            log_validation(
+                accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
+                args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
+                samples_for=None if args.no_single_file else SINGLE_FILE_NAME,
+            )  # fmt: skip
+            read_with_judge(global_step)
         training_log.close()
         plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)
-        unet = final_student(accelerator, student, ema, lora=args.lora_rank is not None)
-        summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
-        summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
-        pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
-        sampling = recommended_sampling(args.objective, pair_guidance)  # settings.SAMPLING for distillation
-        if args.objective == "reflow":
-            summary.update(objective="reflow", reflow_pair_guidance=pair_guidance)
-        result = export_final(
-            output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file,
-            requested_args=requested, steps=global_step, sampling=sampling,
-        )  # fmt: skip
+        with times.phase("export"):
+            unet = final_student(accelerator, student, ema, lora=args.lora_rank is not None)
+            summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
+            summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
+            pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
+            sampling = recommended_sampling(args.objective, pair_guidance)  # settings.SAMPLING for distillation
+            if args.objective == "reflow":
+                summary.update(objective="reflow", reflow_pair_guidance=pair_guidance)
+            result = export_final(
+                output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file,
+                requested_args=requested, steps=global_step, sampling=sampling,
+            )  # fmt: skip
         logger.info(f"Saved the FlowLunePipeline to {result.pipeline_dir}")
+        if args.eval_prompts:
+            with times.phase("evaluation"):
+                final_evaluation(args, result.pipeline_dir, output_dir)
+        timings = times.as_dict()
+        atomic_text(output_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
+        logger.info("Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
         if args.push_to_hub:
             repo_id = push_to_hub(output_dir, args.hub_model_id, token=os.environ.get("HF_TOKEN"))
             logger.info(f"Uploaded {output_dir} to {repo_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir / PIPELINE_DIRNAME
+
+
+def final_evaluation(args: argparse.Namespace, pipeline_dir: Path, output_dir: Path) -> dict:
+    """The toy evaluation after training, through ``evaluate.py`` (beside this script): teacher DDIM and student
+    Euler at ``--eval_steps`` and the validation guidance, on ``--eval_prompts`` held-out toy prompts. Writes
+    ``eval/eval.json``, ``grid.png``, ``chart.png`` and ``summary.md`` (the table, also printed); returns the report.
+    """
+    import importlib.util
+    import time
+
+    from flow_lune.atomic import atomic_text
+    from flow_lune.evaluation.report import summary_table
+    from flow_lune.toy import teacher_path
+
+    script = Path(__file__).with_name("evaluate.py")
+    if not script.is_file():
+        raise ValueError(f"{script} is missing: the evaluation after training needs it; pass --eval_prompts 0.")
+    spec = importlib.util.spec_from_file_location("flow_lune_evaluate", script)
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    eval_dir = output_dir / "eval"
+    guidance = args.validation_guidance_scale
+    argv = [
+        "--student", str(pipeline_dir), "--teacher", str(teacher_path()), "--output_dir", str(eval_dir),
+        "--steps", *map(str, args.eval_steps), "--guidance", str(guidance), "--num_prompts", str(args.eval_prompts),
+        "--heldout_images", str(min(480, max(2 * args.eval_prompts, 96))), "--seed", str(args.seed),
+    ]  # fmt: skip
+    logger.info(f"Evaluating: python evaluate.py {' '.join(argv)}")
+    start = time.perf_counter()
+    report = evaluate.main(evaluate.parse_args(argv))
+    seconds = time.perf_counter() - start
+    reference = report["reference"]
+    table = summary_table(report["settings"], guidance)
+    text = (
+        f"# Evaluation of {pipeline_dir}\n\n"
+        f"{args.eval_prompts} held-out toy prompts, guidance {guidance:g}, seed {args.seed}; the reference is the "
+        f"teacher's DDIM {report['reference_steps']} steps (same noise per prompt). Accuracy: the judge finds every "
+        "attribute of the prompt. Toy FID: Frechet distance on the judge's features, against held-out real images "
+        "and against the teacher's reference samples.\n\n"
+        f"{table}\n"
+        f"Held-out real images against train images: toy FID {reference['toy_fid_heldout_vs_train']:.2f}; the judge "
+        f"on held-out real images: {100 * reference['judge_accuracy_heldout']['all']:.1f}%.\n\n"
+        f"Evaluated in {seconds:.0f} s. Recompute with `python evaluate.py {' '.join(argv)}`.\n"
+    )
+    atomic_text(eval_dir / "summary.md", text)
+    print(f"\nEvaluation (eval/summary.md), guidance {guidance:g}:\n{table}", flush=True)
+    return report
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from flow_lune import FlowLunePipeline  # noqa: E402
 from flow_lune.evaluation import attribute_accuracy, ddim_scheduler  # noqa: E402
-from flow_lune.schedulers import TeacherSchedule, noise_norm, sigma_from_t  # noqa: E402
+from flow_lune.flow import TeacherSchedule, noise_norm, sigma_from_t  # noqa: E402
 from flow_lune.toy import heldout_prompts, judge_path, teacher_path, toy_arrays  # noqa: E402
 from flow_lune.toy.judge import load_judge  # noqa: E402
 

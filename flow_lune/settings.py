@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # ---------------------------------------------------------------- training sigmas (flow/sigmas.py)
 
@@ -100,3 +101,103 @@ class SamplingRecommendation:
 
 
 SAMPLING = SamplingRecommendation()
+
+
+# ---------------------------------------------------------------- recipes: the defaults that depend on the teacher
+
+TOY_TEACHER = "toy"  # --pretrained_teacher_model spelling of the shipped toy teacher (flow_lune.toy.teacher_path())
+TINY_TEACHER = "tiny"  # --pretrained_teacher_model spelling of the tiny random-weight teacher: fast tests only
+TOY_DATA = "toy"  # --train_data_dir / --prompts_file spelling of the toy world's training images / captions
+TOY_TEACHER_DIR = Path(__file__).parent / "toy" / "assets" / "teacher"  # flow_lune.toy.teacher_path(), torch-free
+TOY_WORLD_SEED = 0  # the toy world's seed the shipped teacher was trained on (its manifest's "seed")
+TOY_TRAIN_IMAGES = 4800  # the shipped teacher's whole train split: 100 images per attribute combination
+
+# Eight held-out toy captions for the validation grid: every shape, colour and position, in varied pairings.
+TOY_VALIDATION_PROMPTS = (
+    "a red circle at the left",
+    "a green circle at the bottom",
+    "a yellow circle at the top",
+    "a green square at the right",
+    "a yellow square at the left",
+    "a red triangle at the bottom",
+    "a blue triangle at the top",
+    "a yellow triangle at the bottom",
+)
+SD15_VALIDATION_PROMPTS = (
+    "a photograph of a lighthouse on a cliff at sunset",
+    "a watercolor painting of a red fox in a snowy forest",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The trainer's defaults that depend on the teacher; ``train_flow_distill.py`` fills every flag the user did
+    not give from the recipe of its teacher (``recipe_for``), and its log's first lines say which one is in force."""
+
+    name: str
+    train_batch_size: int
+    learning_rate: float
+    max_train_steps: int | None  # None: --num_train_epochs decides
+    validation_steps: int
+    validation_prompts: tuple[str, ...]
+    num_validation_inference_steps: int
+    validation_guidance_scale: float
+    train_data_dir: str | None  # None with no other source: the built-in synthetic prompts
+    num_generated: int
+    generation_guidance: float
+    judge_prompts: int  # held-out toy prompts the judge reads at each validation (0: no judge)
+    eval_prompts: int  # toy prompts of the evaluation after training (0: none)
+    torch_threads: int  # torch.set_num_threads for the run (0: torch's default)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TOY_RECIPE = Recipe(
+    name="toy world",
+    train_batch_size=32,  # DESIGN.md: 500 steps of batch 32 reach the toy teacher's accuracy at Euler 8
+    learning_rate=2e-4,  # DESIGN.md: a 2M-parameter UNet from a copy of the teacher; 1e-5 barely moves it in 500 steps
+    max_train_steps=500,  # about 5-6 minutes on 2 CPU cores (DESIGN.md), inside the 10-minute default job
+    validation_steps=100,  # five validations: the judge's accuracy shows the student learning
+    validation_prompts=TOY_VALIDATION_PROMPTS,  # held-out captions, every attribute value
+    num_validation_inference_steps=8,  # Euler 8: the few-step setting the default job is judged on
+    validation_guidance_scale=2.0,  # DESIGN.md: the toy teacher's accuracy/FID trade-off (FID rises with guidance)
+    train_data_dir=TOY_DATA,  # real toy images noised: the measured default (DESIGN.md)
+    num_generated=960,  # --prompts_file toy: 20 per attribute combination, about 3 minutes of teacher DDIM 25
+    generation_guidance=2.0,  # the toy teacher's own guidance (SD1.5's 7.5 oversaturates it)
+    judge_prompts=48,  # each of the 48 attribute combinations once: about 2 s per validation
+    eval_prompts=96,  # each combination twice: within about 2 points of accuracy (DESIGN.md), about a minute
+    # Measured on the 2-core machine under load: a toy UNet forward+backward at batch 32 took 0.43 s on 1 thread
+    # and 30 s on 2 (threads spin-waiting for a busy core); DESIGN.md saw 2-4x on a calmer machine.
+    torch_threads=1,
+)
+
+SD15_RECIPE = Recipe(
+    name="Stable Diffusion 1.5",
+    train_batch_size=4,  # per process: fits one 24 GB GPU at 512x512 with the frozen teacher beside it
+    learning_rate=1e-5,  # full fine-tuning of SD1.5's UNet from the teacher's weights
+    max_train_steps=None,  # --num_train_epochs over the user's data
+    validation_steps=500,  # a grid every 500 steps: SD1.5 sampling is costly
+    validation_prompts=SD15_VALIDATION_PROMPTS,
+    num_validation_inference_steps=SAMPLING.steps,  # the recommended sampling
+    validation_guidance_scale=SAMPLING.guidance_scale,
+    train_data_dir=None,  # the user's data; without it, the built-in synthetic prompts
+    num_generated=64,  # enough variety for a short run
+    generation_guidance=7.5,  # SD1.5's usual CFG scale
+    judge_prompts=0,  # no judge outside the toy world
+    eval_prompts=0,  # evaluate.py with --prompts_file evaluates real models
+    torch_threads=0,  # torch's default: large models use every core (GPU runs do not care)
+)
+
+
+def is_toy_teacher(teacher: str | None) -> bool:
+    """Whether ``--pretrained_teacher_model`` names the shipped toy teacher: absent, ``toy``, or its folder."""
+    if teacher in (None, TOY_TEACHER):
+        return True
+    path = Path(teacher).expanduser()
+    return path.is_dir() and path.resolve() == TOY_TEACHER_DIR.resolve()
+
+
+def recipe_for(teacher: str | None) -> Recipe:
+    """The toy world's recipe for the toy teacher (the default), SD1.5's for any other (``tiny`` included)."""
+    return TOY_RECIPE if is_toy_teacher(teacher) else SD15_RECIPE

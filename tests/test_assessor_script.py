@@ -90,6 +90,7 @@ def test_trainer_with_assessor_logs_changing_block_weights(assessor_dir, tmp_pat
     trainer = load_script("train_flow_distill.py")
     common = [
         "--cache_dir", str(assessor_dir.parent / "cache"),  # the assessor's data cache: same teacher, same latents
+        "--pretrained_teacher_model", "tiny",  # the assessor's default teacher
         "--num_generated", "8",
         "--generation_steps", "2",
         "--train_batch_size", "2",

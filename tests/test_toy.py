@@ -177,7 +177,7 @@ def test_from_teacher_reproduces_ddim_on_the_toy_teacher(toy_teacher, num_steps)
 
     from flow_lune import FlowLunePipeline
     from flow_lune.evaluation import ddim_scheduler
-    from flow_lune.schedulers import TeacherSchedule, noise_norm, sigma_from_t
+    from flow_lune.flow import TeacherSchedule, noise_norm, sigma_from_t
 
     ddim = ddim_scheduler(toy_teacher.scheduler.config)
     pipe = StableDiffusionPipeline(**{**toy_teacher.components, "scheduler": ddim})

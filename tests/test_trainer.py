@@ -41,6 +41,7 @@ def base_args(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
     return [
         "--output_dir", str(output_dir),
         "--cache_dir", str(cache_dir),
+        "--pretrained_teacher_model", "tiny",  # the tiny random-weight teacher: fast
         "--num_generated", "8",  # 4 batches of 2 per epoch
         "--generation_steps", "2",
         "--train_batch_size", "2",

@@ -20,6 +20,9 @@ from flow_lune.settings import (
     LOGIT_STD,
     MODE_SCALE,
     SIGMA_DENSITY,
+    TINY_TEACHER,
+    TOY_DATA,
+    TOY_TEACHER,
     TRAINING_SHIFT,
     check_sigma_settings,
 )
@@ -39,8 +42,9 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrained_teacher_model",
         type=str,
         default=None,
-        help="Teacher: Hub id, local diffusers folder, or single file (.safetensors). Default: a tiny SD1.5 teacher "
-        "built offline under --cache_dir (for trying things out).",
+        help="Teacher: Hub id, local diffusers folder, or single file (.safetensors); 'toy': the shipped toy teacher "
+        "(train_flow_distill.py's default); 'tiny': a tiny random-weight teacher built under --cache_dir (fast tests; "
+        "train_assessor.py's default).",
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the teacher's weights, e.g. fp16.")
@@ -56,7 +60,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data sources of ``training/data.py``, their caches and prompt dropout."""
     parser.add_argument("--dataset_name", type=str, default=None, help="Image-caption dataset (Hub id or folder).")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration.")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl.")
+    parser.add_argument(
+        "--train_data_dir", type=str, default=None, help="imagefolder with metadata.jsonl; 'toy': the toy images."
+    )
     parser.add_argument(
         "--image_column", type=str, default=DataConfig.image_column, help="Image column of the dataset."
     )
@@ -76,7 +82,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt_column", type=str, default=DataConfig.prompt_column, help="Prompt column of --latents_dataset."
     )
     parser.add_argument(
-        "--prompts_file", type=str, default=None, help="One prompt per line; the teacher generates the latents."
+        "--prompts_file",
+        type=str,
+        default=None,
+        help="One prompt per line; the teacher generates the latents. 'toy': the toy world's 48 captions.",
     )
     parser.add_argument(
         "--num_generated", type=int, default=DataConfig.num_generated, help="Latents the teacher generates."
@@ -188,8 +197,8 @@ def check_shared_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--uncond_prob must be in [0, 1], got {args.uncond_prob}.")
     check_sigma_settings(args.weighting_scheme, args.shift, args.logit_std)
     teacher = args.pretrained_teacher_model
-    if teacher is None and (args.revision or args.variant):
-        raise ValueError("--revision/--variant need --pretrained_teacher_model.")
+    if teacher in (None, TOY_TEACHER, TINY_TEACHER) and (args.revision or args.variant):
+        raise ValueError("--revision/--variant need --pretrained_teacher_model (a Hub id; 'toy'/'tiny' are built in).")
     if teacher is not None:
         single_file = teacher.endswith((".safetensors", ".ckpt"))
         looks_local = single_file or teacher.startswith((".", "/", "~"))
@@ -202,9 +211,9 @@ def check_shared_arguments(args: argparse.Namespace) -> None:
     DataConfig.from_args(data_args).check()
     if getattr(args, "teacher_config", None) is not None:
         check_path_kind("--teacher_config", args.teacher_config, folder=True)
-    if args.prompts_file is not None:
+    if args.prompts_file not in (None, TOY_DATA):  # "toy" is written under --cache_dir when the run starts
         check_path_kind("--prompts_file", args.prompts_file, folder=False)
-    if args.train_data_dir is not None:
+    if args.train_data_dir not in (None, TOY_DATA):
         check_path_kind("--train_data_dir", args.train_data_dir, folder=True)
 
 

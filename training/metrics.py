@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,12 +76,13 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``metrics.jsonl``; a resumed run's repeated steps keep their last record."""
+    """The records of a ``metrics.jsonl``, one per step: a step's records are merged (its validation metrics join
+    its training record), and a resumed run's repeated steps keep their last values."""
     by_step: dict[int, dict] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -109,6 +112,37 @@ class TrainingLog:
         self.accelerator.log(tracker_scalars(record), step=global_step)
         return record
 
+    def log_values(self, global_step: int, values: dict[str, Any]) -> None:
+        """One extra record at ``global_step`` (e.g. the judge's accuracy at a validation): ``metrics.jsonl``
+        (``read_metrics`` merges it with the step's training record) and the trackers."""
+        record = {"step": int(global_step), **values}
+        if self.writer is not None:
+            self.writer.write(record)
+        self.accelerator.log(tracker_scalars(record), step=global_step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class PhaseTimes:
+    """Wall-clock seconds per phase of a run (``timings.json``): ``with times.phase("data/latents"): ...``; a phase
+    entered several times adds up. ``bench/bench_default_job.py`` reports them."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+    def as_dict(self) -> dict[str, float]:
+        """The phases in seconds (rounded to 0.1) and ``total``, since this object was made."""
+        out = {k: round(v, 1) for k, v in self.seconds.items()}
+        out["total"] = round(time.perf_counter() - self.start, 1)
+        return out

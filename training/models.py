@@ -194,22 +194,47 @@ def load_teacher(
     return TeacherComponents(unet, vae, text_encoder, tokenizer, scheduler_config, source=source)
 
 
-TINY_TEACHER_ID = "flow_lune.tiny(seed=0)"  # the embedded default's identity in the data cache keys
+TINY_TEACHER_ID = "flow_lune.tiny(seed=0)"  # the tiny teacher's identity in the data cache keys
+
+
+def toy_teacher_id() -> str:
+    """The shipped toy teacher's identity in the data cache keys: its files' sha256 from the manifest, so a
+    rebuilt teacher (new weights under the same path) never reuses the old one's latents."""
+    import json
+
+    from flow_lune.toy import manifest_path
+
+    files = json.loads(manifest_path().read_text(encoding="utf-8")).get("files", {})
+    digest = hashlib.sha256(
+        json.dumps({k: v for k, v in sorted(files.items()) if k.startswith("teacher/")}).encode()
+    ).hexdigest()
+    return f"flow_lune.toy.teacher@{digest[:16]}"
 
 
 def load_teacher_from_args(args: Any, accelerator: Any) -> tuple[TeacherComponents, str]:
     """The teacher the shared flags name (``training/cli.py``) and its identity for the data cache keys.
 
-    Without ``--pretrained_teacher_model`` the embedded tiny teacher is built under ``--cache_dir``. The main
-    process loads (and, for a single file, converts) first. Both trainers use this, so they share data caches.
+    ``toy`` (``train_flow_distill.py``'s default) is the shipped toy teacher (``flow_lune.toy.teacher_path()``);
+    ``tiny`` is the tiny random-weight teacher, built under ``--cache_dir``, for fast tests (also what
+    ``train_assessor.py`` uses without ``--pretrained_teacher_model``). The main process loads (and, for a single
+    file, converts) first. Both trainers use this, so they share data caches.
     """
-    if args.pretrained_teacher_model is None:
+    from flow_lune.settings import TINY_TEACHER, is_toy_teacher
+
+    name = args.pretrained_teacher_model
+    if name in (None, TINY_TEACHER):
         with accelerator.main_process_first():
             teacher_path = str(default_teacher_dir(args.cache_dir))
-        logger.info(f"No --pretrained_teacher_model: using the embedded tiny SD1.5 teacher at {teacher_path}.")
+        logger.info(f"Teacher: the tiny random-weight SD1.5 teacher at {teacher_path} (for tests; it draws noise).")
         teacher_id = TINY_TEACHER_ID
+    elif is_toy_teacher(name):
+        from flow_lune.toy import teacher_path as toy_teacher_path
+
+        teacher_path = str(toy_teacher_path())
+        logger.info(f"Teacher: the shipped toy teacher at {teacher_path}.")
+        teacher_id = toy_teacher_id()
     else:
-        teacher_path = args.pretrained_teacher_model
+        teacher_path = name
         teacher_id = f"{teacher_path}@{args.revision}/{args.variant}"
     with accelerator.main_process_first():
         teacher = load_teacher(teacher_path, args.revision, args.variant, args.cache_dir, args.teacher_config)

@@ -154,6 +154,7 @@ def plot_lambda(records: Sequence[Mapping], path: str | os.PathLike) -> Path:
 
 def plot_losses(records: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """``loss.png``: the total loss and the flow loss over training steps, log scale when both stay positive."""
+    records = [r for r in records if "loss" in r]  # validation-only records (the judge at step 0) hold no loss
     steps = [r["step"] for r in records]
     series = [Series(steps, [r[k] for r in records], k) for k in ("loss", "flow_loss") if all(k in r for r in records)]
     positive = all(v > 0 and math.isfinite(v) for s in series for v in s.y)

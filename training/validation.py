@@ -1,13 +1,15 @@
 """Validation during training: teacher (through the flow bridge) above student, same prompts and seeds.
 
-``log_validation`` samples both with ``FlowLunePipeline`` and writes ``validation/step-N.png`` (a Pillow grid), and
-logs it to tensorboard or wandb.
+``log_validation`` samples both with ``FlowLunePipeline`` and writes ``validation/step-N.png`` (a Pillow grid, each
+prompt under its tiles), and logs it to tensorboard or wandb. ``judge_validation`` (toy teacher only) reads the
+student's samples of held-out toy prompts with the judge.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +28,103 @@ def label_font(size: int = FONT_SIZE) -> Any:
         return ImageFont.load_default()
 
 
-def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str]) -> Any:
-    """Images in a grid, one labelled row per model (e.g. teacher above student), columns = prompts."""
+MIN_TILE = 128  # px: small samples (the toy world's 64 px) are enlarged so a prompt fits under them
+
+
+def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str], captions: Sequence[str] = ()) -> Any:
+    """Images in a grid, one labelled row per model (e.g. teacher above student), columns = prompts; with
+    ``captions``, each column's caption is written under each of its tiles. Tiles narrower than ``MIN_TILE`` are
+    enlarged (nearest neighbour) so the caption fits."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     font = label_font()
     cols = max(len(r) for r in rows)
     w, h = rows[0][0].size
+    scale = max(1, -(-MIN_TILE // w))
+    w, h = w * scale, h * scale
     label_h = font.getbbox("Ag_()")[3] + 4
-    grid = Image.new("RGB", (cols * w, len(rows) * (h + label_h)), "white")
+    chars = max(8, int(w / max(font.getlength("abcdefghij") / 10, 1)))  # characters per caption line
+    wrapped = [textwrap.wrap(c, chars) for c in captions]
+    caption_h = max((len(x) for x in wrapped), default=0) * label_h
+    grid = Image.new("RGB", (cols * w, len(rows) * (h + label_h + caption_h)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
-        top = r * (h + label_h)
+        top = r * (h + label_h + caption_h)
         draw.text((2, top + 1), label, fill="black", font=font)
         for c, img in enumerate(images):
-            grid.paste(img.convert("RGB"), (c * w, top + label_h))
+            img = img.convert("RGB")
+            if scale > 1:
+                img = img.resize((w, h), Image.NEAREST)
+            grid.paste(img, (c * w, top + label_h))
+            for k, line in enumerate(wrapped[c] if c < len(wrapped) else []):
+                draw.text((c * w + 2, top + label_h + h + k * label_h), line, fill="black", font=font)
     return grid
+
+
+@contextmanager
+def sampling_weights(accelerator: Any, student: Any, ema: Any | None = None) -> Iterator[Any]:
+    """The unwrapped student in eval mode, with its EMA weights swapped in when ``ema`` is given (and back out)."""
+    unet = accelerator.unwrap_model(student)
+    was_training = unet.training
+    unet.eval()
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    try:
+        yield unet
+    finally:
+        if ema is not None:
+            ema.restore(unet.parameters())
+        unet.train(was_training)
+
+
+def judge_validation(
+    accelerator: Any,
+    student: Any,
+    teacher: Any,
+    judge: Any,
+    prompts: Sequence[str],
+    shift: float,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+    ema: Any | None = None,
+    with_teacher: bool = False,
+    batch_size: int = 48,
+) -> dict[str, float]:
+    """The judge's accuracy on the student's images of toy ``prompts`` (Euler, fixed noise ``z_i`` seeded by
+    ``(seed, i)``): ``judge_accuracy`` (all attributes right) and ``judge_accuracy/<attribute>``; with
+    ``with_teacher``, the same for the teacher through the flow bridge at the same steps (``teacher_...``)."""
+    import torch
+
+    from flow_lune.evaluation import fixed_noise, judge_accuracy
+    from flow_lune.pipelines import FlowLunePipeline
+
+    from .export import student_pipeline
+
+    size = int(teacher.unet.config.sample_size)
+    noise = fixed_noise(len(prompts), (int(teacher.unet.config.in_channels), size, size), seed)
+    out: dict[str, float] = {}
+    with sampling_weights(accelerator, student, ema) as unet:
+        pipes = [("", student_pipeline(unet, teacher, shift))]
+        if with_teacher:
+            pipes.append(("teacher_", FlowLunePipeline.from_teacher(teacher, shift=shift)))
+        for prefix, pipe in pipes:
+            pipe.set_progress_bar_config(disable=True)
+            images = []
+            for i in range(0, len(prompts), batch_size):
+                z = noise[i : i + batch_size].to(accelerator.device, pipe.unet.dtype)
+                with torch.no_grad():
+                    result = pipe(list(prompts[i : i + batch_size]), num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, latents=z, height=size * 8, width=size * 8,
+                                  output_type="pt")  # fmt: skip
+                images.append(result.images.float().clamp(0, 1).cpu())
+            acc = judge_accuracy(judge, torch.cat(images), prompts)
+            out[f"{prefix}judge_accuracy"] = acc.pop("all")
+            out.update({f"{prefix}judge_accuracy/{k}": v for k, v in acc.items()})
+    return out
 
 
 def log_validation(
@@ -80,13 +163,7 @@ def log_validation(
 
     from .export import student_pipeline
 
-    unet = accelerator.unwrap_model(student)
-    was_training = unet.training
-    unet.eval()
-    if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-    try:
+    with sampling_weights(accelerator, student, ema) as unet:
         student_pipe = student_pipeline(unet, teacher, shift)
         teacher_pipe = FlowLunePipeline.from_teacher(teacher, shift=shift)
         rows = []
@@ -107,11 +184,7 @@ def log_validation(
                         ).images[0]
                     )
             rows.append(images)
-    finally:
-        if ema is not None:
-            ema.restore(unet.parameters())
-        unet.train(was_training)
-    grid = image_grid(rows, ["teacher (flow bridge)", f"student step {step}"])
+    grid = image_grid(rows, ["teacher (flow bridge)", f"student step {step}"], captions=prompts)
     if samples_for is not None:
         save_student_samples(
             Path(output_dir) / "samples", rows[1], prompts, samples_for, seed, num_inference_steps, guidance_scale,

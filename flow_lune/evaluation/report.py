@@ -91,3 +91,32 @@ def write_chart(path: str | os.PathLike, settings: Sequence[dict], metrics: Sequ
     atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return Path(path)
+
+
+SUMMARY_COLUMNS = (  # (eval.json key, header)
+    ("accuracy", "accuracy"),
+    ("toy_fid_real", "toy FID vs real"),
+    ("toy_fid_teacher", "toy FID vs teacher"),
+    ("same_noise_psnr", "same-noise PSNR (dB)"),
+    ("different_noise_psnr", "other-noise PSNR (dB)"),
+)
+
+
+def summary_table(settings: Sequence[dict], guidance: float) -> str:
+    """A Markdown table of the settings at ``guidance``: the teacher's rows first, then the student's, most steps
+    first; accuracy and toy FIDs as ``evaluate.py`` computed them, ``-`` where a metric does not apply."""
+    rows = sorted(
+        (s for s in settings if s["guidance"] == guidance),
+        key=lambda s: (s["model"] != "teacher", s["sampler"], -s["steps"]),
+    )
+    if not rows:
+        raise ValueError(f"summary_table: no setting at guidance {guidance}; evaluate at that guidance first.")
+    lines = ["| model | sampler | steps | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " |"]
+    lines.append("|---|---|---:|" + "---:|" * len(SUMMARY_COLUMNS))
+    for s in rows:
+        cells = []
+        for key, _ in SUMMARY_COLUMNS:
+            value = s.get(key)
+            cells.append("-" if value is None else f"{100 * value:.1f}%" if key == "accuracy" else f"{value:.2f}")
+        lines.append(f"| {s['model']} | {s['sampler']} | {s['steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
