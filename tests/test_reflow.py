@@ -244,7 +244,8 @@ def test_pairs_are_reproducible_and_resume_byte_identical(pairs, cache_dir, tmp_
 
 def train_args(output_dir: Path, cache_dir: Path, pairs: Path, *extra: str) -> list[str]:
     return [
-        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--objective", "reflow",
+        "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), "--pretrained_teacher_model", "tiny",
+        "--objective", "reflow",
         "--reflow_data", str(pairs), "--train_batch_size", "2", "--report_to", "none",
         "--num_validation_inference_steps", "2", "--validation_prompts", "a red square", "--learning_rate", "1e-4",
         "--seed", "3", *extra,

@@ -92,7 +92,7 @@ def resolve_recipe(args: argparse.Namespace) -> ResolvedRecipe:
     if args.num_train_epochs is None:
         args.num_train_epochs = 1  # the max_train_steps of the recipe (or the user's) usually decides
     if all(getattr(args, name) is None for name in DATA_SOURCE_FLAGS):
-        if recipe.train_data_dir is not None:
+        if recipe.train_data_dir is not None and getattr(args, "objective", "distill") != "reflow":  # reflow: pairs
             args.train_data_dir = recipe.train_data_dir
             resolved.filled["train_data_dir"] = recipe.train_data_dir
     else:
