@@ -328,7 +328,7 @@ def main(args: argparse.Namespace) -> Path:
     from flow_lune.training.recipe import materialize_toy_data
     from flow_lune.training.seeds import RandomStreams
     from flow_lune.training.step import DistillationStep, ReflowStep
-    from flow_lune.training.validation import judge_validation, log_validation
+    from flow_lune.training.validation import JudgeReadings, log_validation
 
     logger = get_logger(__name__, log_level="INFO")
     times = PhaseTimes()  # timings.json: data, training, validation, export, evaluation (bench_default_job.py)
@@ -461,31 +461,15 @@ def main(args: argparse.Namespace) -> Path:
     training_log = TrainingLog(accelerator, output_dir / "metrics.jsonl", total_batch_size, global_step)
 
     # The judge (toy teacher): its accuracy on the student's samples of held-out toy prompts at each validation
-    judge = judge_prompts = None
-    if args.judge_prompts and accelerator.is_main_process:
-        from flow_lune.toy import heldout_prompts, judge_path
-        from flow_lune.toy.judge import load_judge
-
-        judge, judge_prompts = load_judge(judge_path()), heldout_prompts(args.judge_prompts)
-
-    def read_with_judge(at_step: int, with_teacher: bool = False) -> None:
-        if judge is None:
-            return
-        values = judge_validation(
-            accelerator, student, teacher, judge, judge_prompts, args.shift, args.num_validation_inference_steps,
-            args.validation_guidance_scale, args.seed, ema, with_teacher=with_teacher,
-        )  # fmt: skip
-        training_log.log_values(at_step, values)
-        teacher_part = f"; teacher (bridge, same steps) {values['teacher_judge_accuracy']:.1%}" if with_teacher else ""
-        logger.info(
-            f"Judge at step {at_step}: student accuracy {values['judge_accuracy']:.1%} on {len(judge_prompts)} "
-            f"held-out prompts, Euler {args.num_validation_inference_steps} steps, guidance "
-            f"{args.validation_guidance_scale:g}{teacher_part}"
-        )
-
+    read_with_judge = JudgeReadings(
+        args.judge_prompts, accelerator, teacher, training_log, args.shift, args.num_validation_inference_steps,
+        args.validation_guidance_scale, args.seed, logger.info,
+    )  # fmt: skip
     if global_step == 0:
         with times.phase("initial_validation"):
-            read_with_judge(0, with_teacher=True)  # the untrained student (and the teacher) as the starting point
+            read_with_judge(
+                student, ema, 0, with_teacher=True
+            )  # the untrained student (and the teacher) as the starting point
 
     # 9. Train: one DistillationStep per micro-batch; logging, checkpoints and validation at optimizer steps
     step = (ReflowStep if args.objective == "reflow" else DistillationStep)(
@@ -534,7 +518,7 @@ def main(args: argparse.Namespace) -> Path:
                             args.shift, args.resolution, args.num_validation_inference_steps,
                             args.validation_guidance_scale, args.seed, ema,
                         )  # fmt: skip
-                        read_with_judge(global_step)
+                        read_with_judge(student, ema, global_step)
                 accelerator.wait_for_everyone()
             if global_step >= max_train_steps:
                 break
@@ -559,7 +543,7 @@ def main(args: argparse.Namespace) -> Path:
                 args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
                 samples_for=None if args.no_single_file else SINGLE_FILE_NAME,
             )  # fmt: skip
-            read_with_judge(global_step)
+            read_with_judge(student, ema, global_step)
         training_log.close()
         plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)
         with times.phase("export"):

@@ -97,6 +97,26 @@ class DistillationOutput:
     v_target: torch.Tensor  # v*, no grad
 
 
+def _block_kd_terms(
+    flow: torch.Tensor,
+    student_pooled: list[torch.Tensor],
+    teacher_pooled: list[torch.Tensor],
+    sigma: torch.Tensor,
+    block_penalty: BlockPenalty,
+    config: ObjectiveConfig,
+) -> tuple[torch.Tensor, torch.Tensor, BlockWeights]:
+    """``KD_b``, ``lambda_b`` (no grad) and ``L = L_flow + kd_weight sum_b w_b KD_b + block_penalty_weight
+    sum_b lambda_b KD_b`` from the pooled block features of one student and one teacher forward."""
+    kd = block_kd(student_pooled, teacher_pooled)
+    with torch.no_grad():
+        weights = block_penalty(
+            [s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma
+        )
+    base = torch.as_tensor(list(config.base_weights), dtype=torch.float32)
+    loss = total_loss(flow, kd, base, weights.lam, config.kd_weight, config.block_penalty_weight)
+    return loss, kd, weights
+
+
 def distillation_loss(
     student: nn.Module,
     teacher: EpsilonToFlowUNet,
@@ -120,13 +140,7 @@ def distillation_loss(
     v_pred = student(x_sigma, flow_timestep(sigma), encoder_hidden_states, return_dict=False)[0]
     student_pooled = student_hooks.features
     flow = flow_matching_loss(v_pred, v_target, sigma, config.loss_weighting)
-    kd = block_kd(student_pooled, teacher_pooled)
-    with torch.no_grad():
-        weights = block_penalty(
-            [s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma
-        )
-    base = torch.as_tensor(list(config.base_weights), dtype=torch.float32)
-    loss = total_loss(flow, kd, base, weights.lam, config.kd_weight, config.block_penalty_weight)
+    loss, kd, weights = _block_kd_terms(flow, student_pooled, teacher_pooled, sigma, block_penalty, config)
     student_hooks.clear()
     teacher_hooks.clear()
     return DistillationOutput(loss=loss, flow_loss=flow, kd=kd, block_weights=weights, v_pred=v_pred, v_target=v_target)
@@ -166,13 +180,7 @@ def reflow_loss(
     student_pooled = student_hooks.features
     flow = flow_matching_loss(v_pred, v_target, sigma, config.loss_weighting)
     if kd_on:
-        kd = block_kd(student_pooled, teacher_pooled)
-        with torch.no_grad():
-            weights = block_penalty(
-                [s.detach().float() for s in student_pooled], [t.float() for t in teacher_pooled], sigma
-            )
-        base = torch.as_tensor(list(config.base_weights), dtype=torch.float32)
-        loss = total_loss(flow, kd, base, weights.lam, config.kd_weight, config.block_penalty_weight)
+        loss, kd, weights = _block_kd_terms(flow, student_pooled, teacher_pooled, sigma, block_penalty, config)
     else:
         kd = torch.zeros(len(BLOCK_NAMES), device=flow.device)
         weights = BlockWeights(lam=torch.zeros(len(BLOCK_NAMES), device=flow.device))

@@ -229,3 +229,44 @@ def save_student_samples(
         atomic_file(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
         paths.append(path)
     return paths
+
+
+class JudgeReadings:
+    """The toy judge's accuracy on the student's samples of ``num_prompts`` held-out toy prompts, read at each
+    validation (:func:`judge_validation`) and logged to ``metrics.jsonl``, the trackers and the log. Main process
+    only; with ``num_prompts`` 0 (any teacher but the toy one) a reading does nothing."""
+
+    def __init__(
+        self,
+        num_prompts: int,
+        accelerator: Any,
+        teacher: Any,
+        training_log: Any,
+        shift: float,
+        num_inference_steps: int,
+        guidance_scale: float,
+        seed: int,
+        log: Any = print,
+    ) -> None:
+        self.judge = self.prompts = None
+        if num_prompts and accelerator.is_main_process:
+            from flow_lune.toy import heldout_prompts, judge_path
+            from flow_lune.toy.judge import load_judge
+
+            self.judge, self.prompts = load_judge(judge_path()), heldout_prompts(num_prompts)
+        self.accelerator, self.teacher, self.training_log, self.log = accelerator, teacher, training_log, log
+        self.shift, self.steps, self.guidance_scale, self.seed = shift, num_inference_steps, guidance_scale, seed
+
+    def __call__(self, student: Any, ema: Any | None, at_step: int, with_teacher: bool = False) -> None:
+        if self.judge is None:
+            return
+        values = judge_validation(
+            self.accelerator, student, self.teacher, self.judge, self.prompts, self.shift, self.steps,
+            self.guidance_scale, self.seed, ema, with_teacher=with_teacher,
+        )  # fmt: skip
+        self.training_log.log_values(at_step, values)
+        teacher_part = f"; teacher (bridge, same steps) {values['teacher_judge_accuracy']:.1%}" if with_teacher else ""
+        self.log(
+            f"Judge at step {at_step}: student accuracy {values['judge_accuracy']:.1%} on {len(self.prompts)} "
+            f"held-out prompts, Euler {self.steps} steps, guidance {self.guidance_scale:g}{teacher_part}"
+        )
