@@ -1,4 +1,4 @@
-"""The loops of ``train_assessor.py`` (DESIGN.md section 6): k-means data, the training step, the profile.
+"""The loops of ``train_assessor.py`` (docs/math.md, the assessor): k-means data, the training step, the profile.
 
 ``teacher_states`` draws x0 and prompt embeddings from the dataset; ``teacher_features_at`` turns them into the
 teacher's pooled block features at a flow state. ``pooled_teacher_features`` gathers the features that set the
@@ -9,7 +9,7 @@ in a fixed order, so a seed gives the same assessor bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,27 @@ def teacher_features_at(
     return features(x_sigma, sigma.to(x0.device), embeds.to(device))
 
 
+def teacher_feature_batches(
+    features: TeacherBlockFeatures,
+    dataset: Sequence[dict],
+    indices: torch.Tensor,
+    sigmas: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    uncond_prob: float,
+    empty_embeds: torch.Tensor,
+    device: torch.device | str,
+    desc: str,
+    show_progress: bool = True,
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """``(pooled teacher block features, sigma)`` per batch of the seeded states ``(indices, sigmas)``; each batch
+    draws its prompt dropout, then its noise, from ``generator``."""
+    for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not show_progress):
+        part = slice(start, start + batch_size)
+        x0, embeds, s = teacher_states(dataset, indices[part], sigmas[part], generator, uncond_prob, empty_embeds)
+        yield teacher_features_at(features, x0.float(), embeds, s, generator, device), s
+
+
 def pooled_teacher_features(
     features: TeacherBlockFeatures,
     dataset: Sequence[dict],
@@ -72,11 +93,12 @@ def pooled_teacher_features(
     """
     idx = torch.randint(len(dataset), (num_samples,), generator=generator)
     sig = sampler.sample(num_samples, generator)
+    batches = teacher_feature_batches(
+        features, dataset, idx, sig, batch_size, generator, uncond_prob, empty_embeds, device,
+        desc="Clustering teacher features", show_progress=show_progress,
+    )  # fmt: skip
     pooled: list[list[torch.Tensor]] = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="Clustering teacher features", disable=not show_progress):
-        part = slice(start, start + batch_size)
-        x0, embeds, s = teacher_states(dataset, idx[part], sig[part], generator, uncond_prob, empty_embeds)
-        feats = teacher_features_at(features, x0, embeds, s, generator, device)
+    for feats, _ in batches:
         if not pooled:
             pooled = [[] for _ in feats]
         for b, f in enumerate(feats):
@@ -187,8 +209,9 @@ def profile_assessor(
     sigmas = stratified_sigmas(num_samples, assessor.config.num_bins, generator)
     idx = torch.randint(len(dataset), (num_samples,), generator=generator)
     acc = ProfileAccumulator(assessor)
-    for start in tqdm(range(0, num_samples, batch_size), desc="Profiling"):
-        part = slice(start, start + batch_size)
-        x0, embeds, s = teacher_states(dataset, idx[part], sigmas[part], generator, uncond_prob, empty_embeds)
-        acc.update(teacher_features_at(features, x0.float(), embeds, s, generator, device), s)
+    batches = teacher_feature_batches(
+        features, dataset, idx, sigmas, batch_size, generator, uncond_prob, empty_embeds, device, desc="Profiling"
+    )
+    for feats, s in batches:
+        acc.update(feats, s)
     return acc.result()
