@@ -23,15 +23,6 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
     return Path(path)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def write_grid(
     path: str | os.PathLike, rows: Sequence[tuple[str, torch.Tensor]], prompts: Sequence[str], columns: int = 8
 ) -> Path:
@@ -41,7 +32,9 @@ def write_grid(
     if not rows:
         raise ValueError("write_grid needs at least one row of images.")
     columns = min(columns, len(prompts), *(len(x) for _, x in rows))
-    font = _font(11)
+    from flow_lune.training.validation import label_font
+
+    font = label_font(11)
     line_h = 13
     cell_h = TILE + CAPTION_LINES * line_h + 6
     canvas = Image.new("RGB", (LABEL_WIDTH + columns * TILE, len(rows) * cell_h), "white")
