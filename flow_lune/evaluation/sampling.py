@@ -42,23 +42,15 @@ def _read_model_index(folder: Path) -> dict:
     return json.loads(index.read_text(encoding="utf-8"))
 
 
-def _file_shift(path: Path) -> float | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return float(meta["flow_lune.shift"]) if "flow_lune.shift" in meta else None
-
-
 def load_pipeline(path: str | os.PathLike, config: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """A pipeline folder (``FlowLunePipeline`` or ``StableDiffusionPipeline``) or a Flow Lune single file.
 
-    A single file needs ``config``, a local pipeline folder with the model's configs; its scheduler is
-    ``FlowLuneScheduler`` with the file's ``flow_lune.shift`` (3.0, the trainer's default, when absent).
+    A single file needs ``config``, a local pipeline folder with the model's configs;
+    ``FlowLunePipeline.from_single_file`` checks it and takes the shift from its header (``flow_lune.shift``).
     """
     from diffusers import StableDiffusionPipeline
 
-    from flow_lune import FlowLunePipeline, FlowLuneScheduler
+    from flow_lune import FlowLunePipeline
 
     path = Path(path)
     if path.is_file():
@@ -66,11 +58,7 @@ def load_pipeline(path: str | os.PathLike, config: str | os.PathLike | None = No
             raise ValueError(f"{path}: a single file must be .safetensors (as flow-lune-convert writes).")
         if config is None:
             raise ValueError(f"{path} is a single file: pass --config, a local pipeline folder holding its configs.")
-        shift = _file_shift(path)
-        pipe = FlowLunePipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True,
-            scheduler=FlowLuneScheduler(shift=3.0 if shift is None else shift),
-        )  # fmt: skip
+        pipe = FlowLunePipeline.from_single_file(str(path), config=str(config), local_files_only=True)
     elif path.is_dir():
         name = _read_model_index(path).get("_class_name")
         if name == "FlowLunePipeline":
