@@ -15,9 +15,7 @@ The report folder (``report/``) holds report.md, results.json, quality.png and l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,55 +141,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_script(name: str):
-    """A top-level script of the repository imported from its file (it is not an installed module)."""
-    spec = importlib.util.spec_from_file_location(f"flow_lune_ablation_{name.removesuffix('.py')}", REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def git_state() -> dict:
-    """The commit the study ran on and whether the work tree had changes."""
-
-    def git(*cmd: str) -> str:
-        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain"))}
-
-
-def prepare_models(args: argparse.Namespace, root: Path) -> tuple[Path, Path]:
-    """The teacher and judge folders: shipped ones, or tiny ones built once into the study folder."""
-    from flow_lune.atomic import atomic_folder
-    from flow_lune.toy import judge_path, teacher_path
-
-    if args.teacher == "toy":
-        teacher = teacher_path()
-    elif args.teacher == "tiny":
-        from flow_lune.tiny import save_tiny_sd_pipeline
-
-        teacher = root / "teacher"
-        if not (teacher / "model_index.json").is_file():
-            atomic_folder(teacher, lambda tmp: save_tiny_sd_pipeline(tmp, seed=0))
-    else:
-        teacher = Path(args.teacher).resolve()
-    if args.judge == "toy":
-        judge = judge_path()
-    elif args.judge == "tiny":
-        from flow_lune.toy import toy_arrays
-        from flow_lune.toy.judge import save_judge, train_judge
-
-        judge = root / "judge"
-        if not (judge / "model.safetensors").is_file():
-            data = toy_arrays("train", 48, seed=0)
-            model = train_judge(data.images, data.labels, steps=5, batch_size=8, seed=0, log_every=0)
-            atomic_folder(judge, lambda tmp: save_judge(model, tmp))
-    else:
-        judge = Path(args.judge).resolve()
-    return teacher, judge
-
-
 def shared_trainer_args(args: argparse.Namespace, teacher: Path, data: Path, cache: Path) -> list[str]:
     """The flags every arm shares (the arms add theirs, ``flow_lune.ablation.arms.ARMS``)."""
     from flow_lune.ablation.study import checkpointing_interval
@@ -238,7 +187,10 @@ def main(args: argparse.Namespace) -> dict:
     from flow_lune.ablation.checkpoint_eval import EvalSettings, evaluate_student, load_context, load_unet
     from flow_lune.ablation.study import (
         check_study_file,
+        git_state,
+        load_script,
         parse_script_args,
+        prepare_models,
         prune_checkpoints,
         read_json,
         resolved,
@@ -272,14 +224,14 @@ def main(args: argparse.Namespace) -> dict:
     check_study_file(root, shared)
 
     # 2. Teacher, judge and the toy training images (shared by every run)
-    teacher, judge = prepare_models(args, root)
+    teacher, judge = prepare_models(args.teacher, args.judge, root)
     data = root / "data"
     if not (data / "train" / "metadata.jsonl").is_file():
         from flow_lune.toy import write_imagefolder
 
         write_imagefolder(data, args.train_images, seed=0)
     cache, assessor_dir = root / "cache", root / "assessor"
-    trainer = load_script("train_flow_distill.py")
+    trainer = load_script(REPO, "train_flow_distill.py")
     base = shared_trainer_args(args, teacher, data, cache)
 
     # 3. The arms' resolved arguments, compared pairwise per seed before anything trains
@@ -299,7 +251,7 @@ def main(args: argparse.Namespace) -> dict:
     guided = [a for a in args.arms if uses_assessor(ARMS[a])]
     assessor_seconds = None
     if guided:
-        train_assessor(load_script("train_assessor.py"), assessor_args(args, teacher, data, cache), assessor_dir)
+        train_assessor(load_script(REPO, "train_assessor.py"), assessor_args(args, teacher, data, cache), assessor_dir)
         assessor_seconds = read_json(assessor_dir / "ablation_done.json")["seconds"]
 
     # 5. The teacher's reference and the untrained student (step 0 of every curve)
@@ -349,7 +301,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     results = {
         "command": shlex.join(["python", "experiments/ablation.py", *args.argv]),
-        "git": git_state(),
+        "git": git_state(REPO),
         "written_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "config": {**shared, "seeds": seeds, "loss_tail": args.loss_tail},
         "arms": {a: list(ARMS[a]) for a in args.arms},

@@ -143,14 +143,19 @@ def load_unet(folder: str | os.PathLike) -> Any:
     return UNet2DConditionModel.from_pretrained(str(folder)).float().eval()
 
 
-def evaluate_student(context: EvalContext, unet: Any, shift: float) -> dict:
-    """Per Euler step count: judge accuracy, toy FID (real, teacher), same-noise agreement, speed."""
+def evaluate_student(context: EvalContext, unet: Any, shift: float, guidance: float | None = None) -> dict:
+    """Per Euler step count: judge accuracy, toy FID (real, teacher), same-noise agreement, speed.
+
+    ``guidance`` overrides the settings' CFG scale for this student (a reflowed student trained on guided pairs
+    samples at 1); the reference stays the teacher's images at the settings' guidance.
+    """
     from flow_lune.evaluation import make_runner, sample_all
 
     runner = make_runner("student", student_pipeline(context, unet, shift), "euler")
     out = {}
     s = context.settings
+    scale = s.guidance if guidance is None else guidance
     for steps in s.euler_steps:
-        images, ips = sample_all(runner, context.prompts, context.noise, steps, s.guidance, s.batch_size)
+        images, ips = sample_all(runner, context.prompts, context.noise, steps, scale, s.batch_size)
         out[str(steps)] = _setting_metrics(context, images, ips, with_reference=True)
-    return {"sampler": "euler", "guidance": s.guidance, "shift": shift, "by_steps": out}
+    return {"sampler": "euler", "guidance": scale, "shift": shift, "by_steps": out}

@@ -20,10 +20,12 @@ checkpoint starts again.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,11 @@ from flow_lune.atomic import atomic_text
 
 DONE = "done.json"
 PIPELINE_INDEX = Path("pipeline") / "model_index.json"  # the trainer's final export (training/export.py)
+
+
+def ablation_log(message: str) -> None:
+    """A progress line of the study, prefixed ``[ablation]`` (other experiments pass their own ``log``)."""
+    print(f"[ablation] {message}", flush=True)
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -108,7 +115,7 @@ class RunResult:
 
 
 def run_training(
-    trainer: Any, argv: list[str], run_dir: Path, max_train_steps: int, log: Callable[[str], None] = print
+    trainer: Any, argv: list[str], run_dir: Path, max_train_steps: int, log: Callable[[str], None] = ablation_log
 ) -> RunResult:
     """Train one run through ``trainer.main(trainer.parse_args(argv + --output_dir))`` unless it is done.
 
@@ -132,10 +139,10 @@ def run_training(
     checkpoints = list_checkpoints(train_dir)
     if checkpoints:
         full += ["--resume_from_checkpoint", "latest"]
-        log(f"[ablation] {run_dir.name}: resuming from {checkpoints[-1].name}")
+        log(f"{run_dir.name}: resuming from {checkpoints[-1].name}")
     elif train_dir.exists():
         shutil.rmtree(train_dir)  # killed before its first checkpoint: nothing to keep
-    log(f"[ablation] {run_dir.name}: training")
+    log(f"{run_dir.name}: training")
     start = time.perf_counter()
     trainer.main(parse_script_args(trainer.parse_args, full, "train_flow_distill.py"))
     seconds = time.perf_counter() - start
@@ -177,14 +184,14 @@ def assessor_done(folder: Path) -> bool:
     return all((folder / n).is_file() for n in ("config.json", "model.safetensors", "profile.json"))
 
 
-def train_assessor(script: Any, argv: list[str], folder: Path, log: Callable[[str], None] = print) -> RunResult:
+def train_assessor(script: Any, argv: list[str], folder: Path, log: Callable[[str], None] = ablation_log) -> RunResult:
     """Train the study's assessor once: into a temporary folder renamed when complete; skipped when present."""
     if assessor_done(folder):
         return RunResult(folder.name, True, 0.0)
     partial = folder.with_name(f".{folder.name}.partial")
     if partial.exists():
         shutil.rmtree(partial)
-    log("[ablation] assessor: training")
+    log("assessor: training")
     start = time.perf_counter()
     script.main(parse_script_args(script.parse_args, [*argv, "--output_dir", str(partial)], "train_assessor.py"))
     seconds = time.perf_counter() - start
@@ -195,3 +202,53 @@ def train_assessor(script: Any, argv: list[str], folder: Path, log: Callable[[st
         shutil.rmtree(folder)  # an empty stand-in made for the argument check
     os.replace(partial, folder)
     return RunResult(folder.name, False, seconds)
+
+
+def load_script(repo: Path, name: str) -> Any:
+    """A top-level script of the repository (``repo / name``) imported from its file; it is not an installed module."""
+    stem = Path(name).stem
+    spec = importlib.util.spec_from_file_location(f"flow_lune_experiment_{stem}", Path(repo) / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def git_state(repo: Path) -> dict:
+    """The commit an experiment ran on and whether the work tree had changes."""
+
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain"))}
+
+
+def prepare_models(teacher: str, judge: str, root: Path) -> tuple[Path, Path]:
+    """The teacher and judge folders: 'toy' (shipped), 'tiny' (built once into ``root``) or a folder."""
+    from flow_lune.atomic import atomic_folder
+    from flow_lune.toy import judge_path, teacher_path
+
+    if teacher == "toy":
+        teacher_dir = teacher_path()
+    elif teacher == "tiny":
+        from flow_lune.tiny import save_tiny_sd_pipeline
+
+        teacher_dir = root / "teacher"
+        if not (teacher_dir / "model_index.json").is_file():
+            atomic_folder(teacher_dir, lambda tmp: save_tiny_sd_pipeline(tmp, seed=0))
+    else:
+        teacher_dir = Path(teacher).resolve()
+    if judge == "toy":
+        judge_dir = judge_path()
+    elif judge == "tiny":
+        from flow_lune.toy import toy_arrays
+        from flow_lune.toy.judge import save_judge, train_judge
+
+        judge_dir = root / "judge"
+        if not (judge_dir / "model.safetensors").is_file():
+            data = toy_arrays("train", 48, seed=0)
+            model = train_judge(data.images, data.labels, steps=5, batch_size=8, seed=0, log_every=0)
+            atomic_folder(judge_dir, lambda tmp: save_judge(model, tmp))
+    else:
+        judge_dir = Path(judge).resolve()
+    return teacher_dir, judge_dir
