@@ -551,7 +551,8 @@ def main(args: argparse.Namespace) -> Path:
             summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
             summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
             pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
-            sampling = recommended_sampling(args.objective, pair_guidance)  # settings.SAMPLING for distillation
+            # the recommendation of the teacher's recipe (toy: measured; SD1.5: not), reflow's own for reflow
+            sampling = recommended_sampling(args.pretrained_teacher_model, args.objective, pair_guidance)
             if args.objective == "reflow":
                 summary.update(objective="reflow", reflow_pair_guidance=pair_guidance)
             result = export_final(

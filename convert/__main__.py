@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from flow_lune.settings import SAMPLING
+from flow_lune.settings import SD15_SAMPLING
 
 from .errors import ConversionError
 
@@ -51,10 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cfg",
         type=float,
-        help=f"guidance scale for the workflow (default {SAMPLING.guidance_scale:g} for flow, 7.5 for epsilon)",
+        help="guidance scale for the header and workflow (default: what SRC recommends, in a pipeline folder's "
+        f"model card or a UNet file's header, else {SD15_SAMPLING.guidance_scale:g}, SD1.5's unmeasured default; "
+        "7.5 for epsilon)",
     )
     p.add_argument(
-        "--steps", type=int, default=SAMPLING.steps, help=f"Euler steps for the workflow (default {SAMPLING.steps})"
+        "--steps",
+        type=int,
+        help="Euler steps for the header and workflow (default: what SRC recommends, else "
+        f"{SD15_SAMPLING.steps}, SD1.5's unmeasured default)",
     )
     p.add_argument("--title", help="modelspec.title (default: DST's name)")
     p.add_argument(

@@ -12,6 +12,7 @@ import json
 
 from .errors import ConversionError
 from .hashing import PLACEHOLDER
+from .recommendation import CFG_KEY, STEPS_KEY
 
 MODELSPEC_VERSION = "1.0.0"
 ARCHITECTURE = "stable-diffusion-v1"
@@ -79,8 +80,8 @@ def single_file_metadata(
         meta |= {
             "flow_lune.prediction": FLOW_CONVENTION,
             SHIFT_KEY: repr(float(shift)),
-            "flow_lune.cfg": repr(float(cfg)),
-            "flow_lune.steps": str(int(steps)),
+            CFG_KEY: repr(float(cfg)),
+            STEPS_KEY: str(int(steps)),
         }
     meta |= {
         "flow_lune.components": ",".join(components),

@@ -13,6 +13,7 @@ from .configs import builtin_config, flow_model_index, flow_scheduler_config, fo
 from .errors import ConversionError
 from .ldm_source import open_ldm_source
 from .metadata import EPSILON, PREDICTION_TYPE_KEY, flow_shift
+from .recommendation import CARD_NAME, header_sampling, sampling_card_text
 from .sfio import OutTensor, verify_written, write_safetensors
 from .sources import resolve_path
 from .to_single_file import DTYPES, ConversionResult, _out_dtype, _progress_bar
@@ -88,8 +89,13 @@ def convert_to_diffusers(
     notes = list(source.notes)
     if not full and shift is not None:
         raise ConversionError(f"--shift is for a full file; {src} is UNet-only and gives a UNet folder, no scheduler")
+    card = None
     if full:
         shift, scheduler_config = _pipeline_scheduler(source.metadata, shift, scheduler_config, config_dir, src, notes)
+        found = header_sampling(source.metadata, src.name) if shift is not None else None
+        if found is not None:  # the file's recommendation goes into the folder's model card, for to-single-file
+            title = source.metadata.get("modelspec.title", src.stem)
+            card = sampling_card_text(title, found.steps, found.cfg, shift, src.name)
 
     # 1. Account for every key before anything is written.
     plans, configs = {}, {}
@@ -117,6 +123,8 @@ def convert_to_diffusers(
                 (part / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         if full:
             _write_pipeline_extras(folder, config_dir, scheduler_config, flow=shift is not None)
+        if card is not None:
+            (folder / CARD_NAME).write_text(card, encoding="utf-8")
 
     atomic_folder(dst, fill)
     if full and not (dst / "tokenizer").is_dir():

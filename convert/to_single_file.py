@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from flow_lune.settings import SAMPLING
+from flow_lune.settings import SD15_SAMPLING
 
 from .accounting import Planned, plan_component, read_position
 from .configs import builtin_config, folder_config, teacher_scheduler
@@ -18,6 +18,7 @@ from .hashing import SourceHasher, combined_sha256, relative_names
 from .keymaps import LDM_PREFIXES, TEXT_PREFIX
 from .ldm_source import open_ldm_source
 from .metadata import EPSILON, PREDICTION_TYPE, PREDICTION_TYPES, hash_values, single_file_metadata
+from .recommendation import SourceSampling, card_sampling, header_sampling
 from .sfio import OutTensor, verify_written, write_safetensors
 from .sources import (
     Component,
@@ -31,11 +32,13 @@ from .workflow import comfyui_editor_graph, comfyui_workflow
 from .writing import atomic_file, atomic_text, check_destination
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_SHIFT = SAMPLING.shift  # the shift the student is trained with (DESIGN.md section 1), unless the source says
-DEFAULT_CFG = SAMPLING.guidance_scale  # the one sampling recommendation (flow_lune.settings.SAMPLING)
+DEFAULT_SHIFT = SD15_SAMPLING.shift  # the training shift's default (DESIGN.md section 1), unless the source says
+# A flow source without a recommendation (model card flow_lune_sampling, header flow_lune.steps/cfg) gets SD1.5's,
+# the recipe of any teacher but the toy one; flow_lune.settings.SD15_SAMPLING says why, and that it is not measured.
+DEFAULT_CFG = SD15_SAMPLING.guidance_scale
 DEFAULT_TEACHER_CFG = 7.5  # an epsilon SD1.5 file: the guidance SD1.5 is usually sampled with
 STUDENT_SOURCE_KINDS = ("training checkpoint", "earlier-trainer checkpoint")  # these only ever hold flow students
-DEFAULT_STEPS = SAMPLING.steps  # Euler steps in the ComfyUI workflow: the one sampling recommendation
+DEFAULT_STEPS = SD15_SAMPLING.steps  # Euler steps in the workflow, as DEFAULT_CFG; an epsilon file's too (DDIM's 20)
 POSITION_IDS_KEY = TEXT_PREFIX + "text_model.embeddings.position_ids"
 
 
@@ -119,7 +122,7 @@ def convert_to_single_file(
     shift: float | None = None,
     prediction_type: str | None = None,
     cfg: float | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     title: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -140,7 +143,9 @@ def convert_to_single_file(
     ``epsilon`` and no flow keys; the workflow has no ModelSamplingSD3. Allowed for a pipeline folder whose
     scheduler predicts epsilon, and for a source without a scheduler (UNet folder or file); refused for a
     flow or v-prediction scheduler, a training checkpoint, and together with ``shift``.
-    ``cfg`` None: 4.5 for a flow student, 7.5 for an epsilon file.
+    ``cfg``/``steps`` None: a flow student's recommendation from the source (:func:`source_sampling`: a pipeline
+    folder's model card, a UNet file's header), else SD1.5's (``DEFAULT_CFG``, ``DEFAULT_STEPS``); an epsilon
+    file: cfg 7.5 and ``DEFAULT_STEPS``.
     """
     src, dst = resolve_path(src), resolve_path(dst)
     if ema not in (None, "use", "drop"):
@@ -164,9 +169,7 @@ def convert_to_single_file(
         raise ConversionError(
             f"--shift {shift} with --prediction-type epsilon: a shift belongs to a flow student; drop one of them"
         )
-    if cfg is None:
-        cfg = DEFAULT_TEACHER_CFG if epsilon else DEFAULT_CFG
-    if steps < 1 or cfg < 0 or (shift is not None and shift <= 0):
+    if (steps is not None and steps < 1) or (cfg is not None and cfg < 0) or (shift is not None and shift <= 0):
         raise ConversionError(f"--steps {steps}, --cfg {cfg}, --shift {shift}: need steps >= 1, cfg >= 0, shift > 0")
 
     unet_config = None
@@ -199,6 +202,7 @@ def convert_to_single_file(
         files += base_files
     if shift is None and not epsilon:
         shift = float((source.scheduler_config or {}).get("shift", DEFAULT_SHIFT))
+    steps, cfg = _sampling(source, steps, cfg, epsilon, notes)
 
     # 1. Account for every key, component by component.
     planned: list[tuple[str, Planned]] = []
@@ -286,6 +290,35 @@ def convert_to_single_file(
     return result
 
 
+def source_sampling(source: Source) -> SourceSampling | None:
+    """The steps and guidance a source recommends: a pipeline folder's model card (what the trainer's export
+    writes), else a UNet file's header; None when it carries none."""
+    if source.pipeline_folder is not None:
+        found = card_sampling(source.pipeline_folder)
+        if found is not None:
+            return found
+    return header_sampling(source.metadata, str(source.path))
+
+
+def _sampling(
+    source: Source, steps: int | None, cfg: float | None, epsilon: bool, notes: list[str]
+) -> tuple[int, float]:
+    """``(steps, cfg)`` of the file: as given, else the source's recommendation, else the defaults (noted)."""
+    if epsilon:
+        return (DEFAULT_STEPS if steps is None else steps), (DEFAULT_TEACHER_CFG if cfg is None else cfg)
+    if steps is not None and cfg is not None:
+        return steps, cfg
+    found = source_sampling(source)
+    if found is not None:
+        notes.append(f"sampling recommendation from {found.origin}: {found.steps} steps, cfg {found.cfg:g}")
+        return (found.steps if steps is None else steps), (found.cfg if cfg is None else cfg)
+    notes.append(
+        f"SRC carries no sampling recommendation (model card flow_lune_sampling, header flow_lune.steps/cfg): "
+        f"SD1.5's default, {DEFAULT_STEPS} steps, cfg {DEFAULT_CFG:g} (not measured; --steps/--cfg choose others)"
+    )
+    return (DEFAULT_STEPS if steps is None else steps), (DEFAULT_CFG if cfg is None else cfg)
+
+
 def _check_epsilon_source(source: Source, teacher: str | None, src: Path) -> str:
     """Refuse ``--prediction-type epsilon`` for a source that says it is something else; the note to show if not."""
     if source.kind.startswith(STUDENT_SOURCE_KINDS):
@@ -346,4 +379,6 @@ __all__ = [
     "DEFAULT_SHIFT",
     "DEFAULT_CFG",
     "DEFAULT_TEACHER_CFG",
+    "DEFAULT_STEPS",
+    "source_sampling",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flow_lune.atomic import atomic_folder, atomic_text
-from flow_lune.settings import SAMPLING, SamplingRecommendation
+from flow_lune.settings import SAMPLING, SamplingRecommendation, recipe_for
 
 from .checkpoints import check_finite_parameters
 from .run_state import (
@@ -97,8 +97,8 @@ def model_card_text(
     hub_model_id: str | None = None,
     sampling: SamplingRecommendation = SAMPLING,
 ) -> str:
-    """The model description (Markdown): what the student is, how to sample it (``settings.SAMPLING``, the one
-    recommendation), its ComfyUI use, limitations, and the training flags."""
+    """The model description (Markdown): what the student is, how to sample it (``sampling``, the run's one
+    recommendation, and where its numbers come from), its ComfyUI use, limitations, and the training flags."""
     name = teacher_name(teacher_source)
     repo = hub_model_id or "path/to/pipeline"
     rows = "\n".join(f"| `--{k}` | `{v}` |" for k, v in args_summary.items())
@@ -111,7 +111,7 @@ Stable Diffusion 1.5 teacher `{name}`. Same UNet architecture; it predicts the f
 Euler steps on a shift-{shift:g} sigma grid (`FlowLuneScheduler(shift={shift:g})`, compatible with diffusers'
 `FlowMatchEulerDiscreteScheduler` and ComfyUI's `ModelSamplingSD3` node).
 
-**Sampling:** {steps} Euler steps, guidance {cfg:g}, shift {shift:g} (the shift it was trained with).
+**Sampling:** {steps} Euler steps, guidance {cfg:g}, shift {shift:g} (the shift it was trained with).{_basis(sampling)}
 
 ## Use with diffusers
 
@@ -147,6 +147,10 @@ The student learns the teacher's DDIM trajectories; it inherits the teacher's ab
 """
 
 
+def _basis(sampling: SamplingRecommendation) -> str:
+    return f"\nThe steps and guidance: {sampling.basis}." if sampling.basis else ""
+
+
 def _limitation(args_summary: dict[str, Any]) -> str:
     if args_summary.get("objective") == "reflow":
         return "it was trained by reflow on pairs from a model's own ODE, for few-step sampling (docs/reflow.md)."
@@ -156,16 +160,27 @@ def _limitation(args_summary: dict[str, Any]) -> str:
 REFLOW_WORKFLOW_STEPS = 4  # reflow is for few-step sampling; the toy goal is 4 steps (measurement pending)
 
 
-def recommended_sampling(objective: str, pair_guidance: float | None = None) -> SamplingRecommendation:
-    """What the exported card, header and workflow recommend: ``settings.SAMPLING`` for distillation.
+def recommended_sampling(
+    teacher: str | None, objective: str = "distill", pair_guidance: float | None = None
+) -> SamplingRecommendation:
+    """What the exported card, header and workflow recommend: the recipe of the run's teacher
+    (``settings.recipe_for(teacher).sampling``: the toy world's measured one, or SD1.5's) for distillation.
 
     Reflow on pairs made with guidance > 1 learnt the guided flow: cfg 1, few steps. Reflow on pairs at guidance 1
-    keeps CFG, few steps. docs/reflow.md gives the reasons.
+    keeps the recipe's CFG, few steps. docs/reflow.md gives the reasons.
     """
+    base = recipe_for(teacher).sampling
     if objective != "reflow":
-        return SAMPLING
+        return base
     guided = pair_guidance is not None and pair_guidance > 1
-    return replace(SAMPLING, steps=REFLOW_WORKFLOW_STEPS, guidance_scale=1.0 if guided else SAMPLING.guidance_scale)
+    cfg = 1.0 if guided else base.guidance_scale
+    basis = (
+        f"reflow on pairs made at guidance {pair_guidance:g}, so the guidance is in the flow: cfg 1"
+        if guided
+        else f"reflow on unguided pairs: the guidance of the {recipe_for(teacher).name} recipe"
+    )
+    basis += f"; {REFLOW_WORKFLOW_STEPS} steps, the few-step goal of reflow (not yet measured)"
+    return replace(base, steps=REFLOW_WORKFLOW_STEPS, guidance_scale=cfg, basis=basis)
 
 
 def model_card(
@@ -179,23 +194,32 @@ def model_card(
     :func:`model_card_text`; no template placeholders."""
     from huggingface_hub import ModelCardData
 
+    from flow_lune.convert.recommendation import CARD_SAMPLING_KEY
+
     hub_teacher = teacher_name(teacher_source) == teacher_source and "/" in teacher_source
     data = ModelCardData(
         license="creativeml-openrail-m",  # SD1.5's licence carries over to derivatives
         library_name="diffusers",
         base_model=teacher_source if hub_teacher else None,
         tags=["text-to-image", "diffusers", "flow-lune", "rectified-flow", "distillation", "stable-diffusion"],
+        # the recommendation, machine-readable: flow-lune-convert to-single-file takes it from here
+        **{CARD_SAMPLING_KEY: asdict(replace(sampling, shift=float(shift)))},
     )
     text = model_card_text(teacher_source, shift, args_summary, hub_model_id, sampling)
     return f"---\n{data.to_yaml()}\n---\n\n{text}"
 
 
 def write_model_card(
-    folder: Path, teacher_source: str, shift: float, args_summary: dict[str, Any], hub_model_id: str | None = None
+    folder: Path,
+    teacher_source: str,
+    shift: float,
+    args_summary: dict[str, Any],
+    hub_model_id: str | None = None,
+    sampling: SamplingRecommendation = SAMPLING,
 ) -> Path:
     """``README.md`` in ``folder`` (:func:`model_card`), written atomically."""
     path = Path(folder) / "README.md"
-    atomic_text(path, model_card(teacher_source, shift, args_summary, hub_model_id))
+    atomic_text(path, model_card(teacher_source, shift, args_summary, hub_model_id, sampling))
     return path
 
 
@@ -235,8 +259,10 @@ def export_final(
     file + workflows and the completion record. Main process only.
 
     ``requested_args`` (the flags as given) go into the plan, so a repeated command is recognised as the same.
+    ``sampling`` (:func:`recommended_sampling`) is recorded with the run's ``shift``.
     """
     output_dir = Path(output_dir)
+    sampling = replace(sampling, shift=float(shift))
     plan = {
         "shift": shift,
         "title": f"Flow Lune student of {teacher_name(teacher.source)}",
