@@ -1,16 +1,19 @@
-"""The student's weights when a process holds only part of them (FSDP), and the full weights the rest needs.
+"""The student's weights when a process holds only part of them (FSDP) or half-precision copies of them (DeepSpeed
+bf16/fp16), and the full float32 weights the rest needs.
 
 Under FSDP (``configs/accelerate/fsdp.yaml``, FSDP2) ``accelerator.prepare`` shards the student in place: each
 parameter becomes a ``DTensor`` of which a process holds one slice, and the blocks gather their weights for each
-forward. DDP and DeepSpeed ZeRO-2 leave every process a full copy. What needs the whole student goes through the
-functions here, which do nothing special when nothing is sharded:
+forward. DDP and DeepSpeed ZeRO-2 leave every process a full copy, but DeepSpeed's bf16 mode casts it to bf16 and
+keeps the float32 weights in its optimizer. What needs the whole student goes through the functions here, which do
+nothing special when the module holds the float32 weights:
 
-- the EMA is sharded like the student (:func:`shard_ema`), so ``ema.step`` works slice by slice;
-- checkpoints, validation and the export read full weights, gathered by every process together
-  (``accelerator.get_state_dict``, ``DTensor.full_tensor``) into an unsharded copy on the main process
-  (:func:`gathered_student`, :func:`gathered_ema`, :func:`sampling_weights`).
+- the EMA is sharded like the student (:func:`shard_ema`), so ``ema.step`` works slice by slice (under DeepSpeed
+  bf16 it averages the bf16 copies, in float32);
+- checkpoints, validation and the export read full float32 weights, gathered by every process together
+  (``accelerator.get_state_dict``, ``DTensor.full_tensor``, DeepSpeed's ``safe_get_full_fp32_param``) into a copy
+  on the main process (:func:`gathered_student`, :func:`gathered_ema`, :func:`sampling_weights`).
 
-Calls marked "every process" are collectives under FSDP: every process must make them, in the same order.
+Calls marked "every process" are collectives there: every process must make them, in the same order.
 """
 
 from __future__ import annotations
@@ -76,17 +79,50 @@ def _unsharded_class(module: torch.nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
-def gathered_student(accelerator: Any, student: Any) -> Any | None:
-    """Every process: the student with full weights on the main process, None on the others.
+def half_precision_copies(accelerator: Any, module: torch.nn.Module) -> bool:
+    """Whether ``module`` trains on half-precision copies whose float32 weights live in DeepSpeed's optimizer
+    (DeepSpeed's bf16/fp16 mode casts the module; accelerate's own mixed precision keeps float32 weights). A LoRA
+    adapter (peft) is left as it is: its copy cannot be rebuilt from the config."""
+    return (
+        accelerator.distributed_type == "DEEPSPEED"
+        and getattr(module, "peft_config", None) is None
+        and any(p.requires_grad and p.dtype != torch.float32 for p in module.parameters())
+    )
 
-    Unsharded (one process, DDP, DeepSpeed ZeRO-2): the unwrapped training module itself. Sharded (FSDP): a new
+
+def full_weights_elsewhere(accelerator: Any, module: torch.nn.Module) -> bool:
+    """Whether the full float32 weights of ``module`` must be gathered: sharded (FSDP) or half-precision copies."""
+    return is_sharded(module) or half_precision_copies(accelerator, module)
+
+
+def _deepspeed_float32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state with DeepSpeed's float32 weights (``safe_get_full_fp32_param``, a collective under ZeRO)
+    in place of its half-precision trainable parameters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {name: t.detach().float() for name, t in module.state_dict().items()}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            state[name] = safe_get_full_fp32_param(param).detach()
+    return state
+
+
+def gathered_student(accelerator: Any, student: Any) -> Any | None:
+    """Every process: the student with full float32 weights on the main process, None on the others.
+
+    Usually (one process, DDP, DeepSpeed in float32) the unwrapped training module itself. Sharded (FSDP): a new
     unsharded model of the same class and config holding the state ``accelerator.get_state_dict`` gathers (a
-    collective; the full state lands on the main process), on ``accelerator.device``, in train mode.
+    collective; the full state lands on the main process). DeepSpeed bf16/fp16: the same, holding DeepSpeed's
+    float32 weights instead of the module's half-precision copies. The copy is on ``accelerator.device``, in the
+    module's train/eval mode.
     """
     unet = accelerator.unwrap_model(student)
-    if not is_sharded(unet):
+    if is_sharded(unet):
+        state = accelerator.get_state_dict(student)
+    elif half_precision_copies(accelerator, unet):
+        state = _deepspeed_float32_state(unet)
+    else:
         return unet if accelerator.is_main_process else None
-    state = accelerator.get_state_dict(student)
     if not accelerator.is_main_process:
         return None
     with torch.device("meta"):  # no weights are initialised: the gathered ones are assigned below
@@ -116,11 +152,12 @@ def sampling_weights(accelerator: Any, student: Any, ema: Any | None = None) -> 
     """Every process: the student to sample or export, in eval mode with its EMA weights when ``ema`` is given, on
     the main process (None on the others); afterwards the training weights and mode are as they were.
 
-    Unsharded, this is the unwrapped training module with the EMA swapped in and back out (no copy). Sharded, it is
-    the gathered copy (:func:`gathered_student`) with the gathered EMA weights copied in.
+    Usually this is the unwrapped training module with the EMA swapped in and back out (no copy). Sharded, or as
+    DeepSpeed's half-precision copies, it is the gathered float32 copy (:func:`gathered_student`) with the
+    gathered EMA weights copied in.
     """
     unet = accelerator.unwrap_model(student)
-    if is_sharded(unet):
+    if full_weights_elsewhere(accelerator, unet):
         copy = gathered_student(accelerator, student)
         full_ema = gathered_ema(accelerator, ema) if ema is not None else None
         if copy is not None and full_ema is not None:
