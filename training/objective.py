@@ -106,7 +106,8 @@ def student_velocity(
     policy makes the bf16 copies), so nothing is cast; DeepSpeed's bf16/fp16 mode casts the weights themselves
     and not the inputs, which then must be cast here (a float32 input fails in the first layer)."""
     dtype = next((p.dtype for p in student.parameters() if p.requires_grad), x_sigma.dtype)
-    return student(x_sigma.to(dtype), flow_timestep(sigma), encoder_hidden_states.to(dtype), return_dict=False)[0]
+    cond = encoder_hidden_states.to(dtype) if torch.is_tensor(encoder_hidden_states) else encoder_hidden_states
+    return student(x_sigma.to(dtype), flow_timestep(sigma), cond, return_dict=False)[0]
 
 
 def _block_kd_terms(
