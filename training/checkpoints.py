@@ -5,9 +5,10 @@ A checkpoint is written by ``accelerator.save_state`` into ``checkpoint-N.tmp`` 
 old checkpoints beyond ``--checkpoints_total_limit`` are deleted only after that rename.
 
 The save hook writes the student in diffusers layout (``unet/``, loadable by
-``UNet2DConditionModel.from_pretrained``; ``unet_lora/`` for LoRA) and the EMA weights (``unet_ema/``). Under FSDP
-both are gathered from the processes' slices first (``sharding``), and accelerate also writes its own copy of the
-sharded student and optimizer (``pytorch_model_fsdp.bin``, ``optimizer.bin``), from which it resumes.
+``UNet2DConditionModel.from_pretrained``; ``unet_lora/`` for LoRA) and the EMA weights (``unet_ema/``), always in
+float32 (``sharding``): under FSDP gathered from the processes' slices, under DeepSpeed's bf16 mode read from its
+optimizer. accelerate then also writes its own copy, from which it resumes (FSDP: ``pytorch_model_fsdp.bin`` and
+``optimizer.bin``; DeepSpeed: ``pytorch_model/``).
 
 The epoch sampler's order is a function of ``(seed, epoch)`` (``seeds.stream_seed``), so with the trainer's
 counter-based random streams (``seeds.RandomStreams``) a resumed run continues at the exact batch.
