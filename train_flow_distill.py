@@ -327,6 +327,7 @@ def main(args: argparse.Namespace) -> Path:
     from flow_lune.training.plots import plot_training
     from flow_lune.training.recipe import materialize_toy_data
     from flow_lune.training.seeds import RandomStreams
+    from flow_lune.training.sharding import sampling_weights, shard_ema
     from flow_lune.training.step import DistillationStep, ReflowStep
     from flow_lune.training.validation import JudgeReadings, log_validation
 
@@ -335,6 +336,8 @@ def main(args: argparse.Namespace) -> Path:
 
     # 1. Accelerator, logging, seed, output folder (an old one set aside with --overwrite_output_dir)
     accelerator = start_run(args, args.gradient_accumulation_steps)
+    if args.lora_rank is not None and accelerator.distributed_type == "FSDP":
+        raise ValueError("--lora_rank under FSDP is not supported; the adapter is small: use DDP (ddp.yaml).")
     set_aside_dir = None
     if args.overwrite_output_dir and accelerator.is_main_process:
         set_aside_dir = set_aside(output_dir)
@@ -436,6 +439,8 @@ def main(args: argparse.Namespace) -> Path:
     student, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         student, optimizer, train_dataloader, lr_scheduler
     )
+    if ema is not None:
+        shard_ema(ema, student.parameters())  # FSDP: each process averages its own slice of the student
     register_checkpoint_hooks(accelerator, ema=ema, lora=args.lora_rank is not None)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
@@ -465,11 +470,9 @@ def main(args: argparse.Namespace) -> Path:
         args.judge_prompts, accelerator, teacher, training_log, args.shift, args.num_validation_inference_steps,
         args.validation_guidance_scale, args.seed, logger.info,
     )  # fmt: skip
-    if global_step == 0:
-        with times.phase("initial_validation"):
-            read_with_judge(
-                student, ema, 0, with_teacher=True
-            )  # the untrained student (and the teacher) as the starting point
+    if global_step == 0 and read_with_judge.active:  # the untrained student (and the teacher) as the starting point
+        with times.phase("initial_validation"), sampling_weights(accelerator, student, ema) as unet:
+            read_with_judge(unet, 0, with_teacher=True)
 
     # 9. Train: one DistillationStep per micro-batch; logging, checkpoints and validation at optimizer steps
     step = (ReflowStep if args.objective == "reflow" else DistillationStep)(
@@ -511,14 +514,15 @@ def main(args: argparse.Namespace) -> Path:
                     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
 
             if global_step % args.validation_steps == 0 and global_step != max_train_steps:
-                if accelerator.is_main_process:
-                    with times.phase("validation"):
+                # every process: under FSDP the student's weights are gathered; the main process samples
+                with times.phase("validation"), sampling_weights(accelerator, student, ema) as unet:
+                    if accelerator.is_main_process:
                         log_validation(
-                            accelerator, student, teacher, args.validation_prompts, global_step, output_dir,
-                            args.shift, args.resolution, args.num_validation_inference_steps,
-                            args.validation_guidance_scale, args.seed, ema,
+                            accelerator, unet, teacher, args.validation_prompts, global_step, output_dir, args.shift,
+                            args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale,
+                            args.seed,
                         )  # fmt: skip
-                        read_with_judge(student, ema, global_step)
+                        read_with_judge(unet, global_step)
                 accelerator.wait_for_everyone()
             if global_step >= max_train_steps:
                 break
@@ -536,29 +540,33 @@ def main(args: argparse.Namespace) -> Path:
             "student is untrained and nothing is exported. Check the teacher's weights for NaN/inf, or lower "
             "--learning_rate."
         )
+    # every process: the student to sample and export (EMA weights in; under FSDP gathered onto the main process)
+    with sampling_weights(accelerator, student, ema) as unet:
+        if accelerator.is_main_process:
+            with times.phase("final_validation"):
+                log_validation(
+                    accelerator, unet, teacher, args.validation_prompts, global_step, output_dir, args.shift,
+                    args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed,
+                    samples_for=None if args.no_single_file else SINGLE_FILE_NAME,
+                )  # fmt: skip
+                read_with_judge(unet, global_step)
+            training_log.close()
+            plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)
+            with times.phase("export"):
+                unet = final_student(unet, lora=args.lora_rank is not None)
+                summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
+                summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
+                pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
+                # the recommendation of the teacher's recipe (toy: measured; SD1.5: not), reflow's own for reflow
+                sampling = recommended_sampling(args.pretrained_teacher_model, args.objective, pair_guidance)
+                if args.objective == "reflow":
+                    summary.update(objective="reflow", reflow_pair_guidance=pair_guidance)
+                result = export_final(
+                    output_dir, unet, teacher, args.shift, summary, args.hub_model_id,
+                    single_file=not args.no_single_file, requested_args=requested, steps=global_step,
+                    sampling=sampling,
+                )  # fmt: skip
     if accelerator.is_main_process:
-        with times.phase("final_validation"):
-            log_validation(
-                accelerator, student, teacher, args.validation_prompts, global_step, output_dir, args.shift,
-                args.resolution, args.num_validation_inference_steps, args.validation_guidance_scale, args.seed, ema,
-                samples_for=None if args.no_single_file else SINGLE_FILE_NAME,
-            )  # fmt: skip
-            read_with_judge(student, ema, global_step)
-        training_log.close()
-        plot_training(read_metrics(output_dir / "metrics.jsonl"), output_dir)
-        with times.phase("export"):
-            unet = final_student(accelerator, student, ema, lora=args.lora_rank is not None)
-            summary = {k: getattr(args, k) for k in SUMMARY_FLAGS}
-            summary.update(max_train_steps=max_train_steps, processes=accelerator.num_processes)
-            pair_guidance = train_dataset.config["guidance"] if args.objective == "reflow" else None
-            # the recommendation of the teacher's recipe (toy: measured; SD1.5: not), reflow's own for reflow
-            sampling = recommended_sampling(args.pretrained_teacher_model, args.objective, pair_guidance)
-            if args.objective == "reflow":
-                summary.update(objective="reflow", reflow_pair_guidance=pair_guidance)
-            result = export_final(
-                output_dir, unet, teacher, args.shift, summary, args.hub_model_id, single_file=not args.no_single_file,
-                requested_args=requested, steps=global_step, sampling=sampling,
-            )  # fmt: skip
         logger.info(f"Saved the FlowLunePipeline to {result.pipeline_dir}")
         if args.eval_prompts:
             with times.phase("evaluation"):

@@ -3,7 +3,8 @@
 What `accelerate launch --config_file FILE` does before it starts processes is done here step by step:
 load the file, validate the launch arguments against it, build the environment the processes would get,
 and construct the FSDP / DeepSpeed plugin from that environment as `Accelerator` would. No GPU, no
-process group and no deepspeed package are needed for that; training under each config is not run here.
+process group and no deepspeed package are needed for that. Training under FSDP and DeepSpeed on CPU processes:
+``test_distributed_cpu.py``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from flow_lune.training.objective import (
     distillation_loss,
     flow_matching_loss,
     per_sample_mse,
+    student_velocity,
     total_loss,
 )
 
@@ -205,6 +206,28 @@ def _train(teacher, target: str, steps: int = 40):
             loss.backward()
             opt.step()
     return student.eval()
+
+
+def test_student_runs_in_the_dtype_of_its_trainable_weights():
+    """float32 weights (accelerate's mixed precision autocasts): the inputs go in as they are; bf16 weights (what
+    DeepSpeed's bf16 mode makes of the module, inputs left float32): the inputs are cast, where a plain call fails."""
+    x0, eps = _x0(2, 4), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigma, cond = torch.tensor([0.3, 0.7]), _cond(2)
+    x_sigma = flow_state(x0, eps, sigma)
+    student = tiny_unet(1)
+    torch.testing.assert_close(
+        student_velocity(Wrapper(student), x_sigma, sigma, cond), student(x_sigma, 1000 * sigma, cond).sample,
+        rtol=0, atol=0,
+    )  # fmt: skip
+    half = student.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        half(x_sigma, 1000 * sigma, cond)
+    v = student_velocity(Wrapper(half), x_sigma, sigma, cond)
+    expected = half(x_sigma.bfloat16(), 1000 * sigma, cond.bfloat16()).sample
+    assert v.dtype == torch.bfloat16 and torch.equal(v, expected)
+    half.requires_grad_(False)  # no trainable weight: the inputs' own dtype
+    with pytest.raises(RuntimeError, match="dtype"):
+        student_velocity(half, x_sigma, sigma, cond)
 
 
 def test_training_lowers_held_out_loss_only_for_the_bridge_target():

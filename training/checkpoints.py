@@ -5,7 +5,10 @@ A checkpoint is written by ``accelerator.save_state`` into ``checkpoint-N.tmp`` 
 old checkpoints beyond ``--checkpoints_total_limit`` are deleted only after that rename.
 
 The save hook writes the student in diffusers layout (``unet/``, loadable by
-``UNet2DConditionModel.from_pretrained``; ``unet_lora/`` for LoRA) and the EMA weights (``unet_ema/``).
+``UNet2DConditionModel.from_pretrained``; ``unet_lora/`` for LoRA) and the EMA weights (``unet_ema/``), always in
+float32 (``sharding``): under FSDP gathered from the processes' slices, under DeepSpeed's bf16 mode read from its
+optimizer. accelerate then also writes its own copy, from which it resumes (FSDP: ``pytorch_model_fsdp.bin`` and
+``optimizer.bin``; DeepSpeed: ``pytorch_model/``).
 
 The epoch sampler's order is a function of ``(seed, epoch)`` (``seeds.stream_seed``), so with the trainer's
 counter-based random streams (``seeds.RandomStreams``) a resumed run continues at the exact batch.
@@ -51,9 +54,12 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | os.Path
 
 
 def check_finite_parameters(model: torch.nn.Module, what: str = "student") -> None:
-    """``RuntimeError`` naming the first non-finite parameter: such weights are never saved."""
+    """``RuntimeError`` naming the first non-finite parameter: such weights are never saved. Under FSDP each
+    process checks its own slice (no communication)."""
+    from .sharding import local_part
+
     for name, param in model.named_parameters():
-        if not torch.isfinite(param.detach()).all():
+        if not torch.isfinite(local_part(param.detach())).all():
             raise RuntimeError(f"The {what}'s parameter {name!r} holds NaN/inf; refusing to save non-finite weights.")
 
 
@@ -97,29 +103,37 @@ def register_checkpoint_hooks(accelerator: Any, ema: Any | None = None, lora: bo
 
     For full fine-tuning the hook saves ``unet/`` instead of accelerate's ``model.safetensors`` (one copy of the
     weights) and the load hook reads it back. For LoRA, accelerate keeps its own copy and ``unet_lora/`` holds the
-    adapter in diffusers' LoRA format.
+    adapter in diffusers' LoRA format. Under FSDP accelerate saves and loads the sharded student itself (the hook
+    gets no model to load), the hook writes ``unet/`` from the gathered weights, and the EMA is gathered to be
+    saved and sharded again when loaded. Both hooks run on every process (``save_state``/``load_state`` do).
     """
     from diffusers import UNet2DConditionModel
 
+    from .sharding import gathered_ema, gathered_student, shard_like
+
     def save_model_hook(models: list, weights: list, output_dir: str) -> None:
         for model in models:
-            unet = accelerator.unwrap_model(model)
-            check_finite_parameters(unet)
+            check_finite_parameters(accelerator.unwrap_model(model))
             if lora:
                 if accelerator.is_main_process:
-                    save_lora_weights(unet, Path(output_dir) / "unet_lora")
+                    save_lora_weights(accelerator.unwrap_model(model), Path(output_dir) / "unet_lora")
             else:
-                if accelerator.is_main_process:
+                unet = gathered_student(accelerator, model)  # every process; the full weights on the main one
+                if unet is not None:
                     unet.save_pretrained(Path(output_dir) / "unet", safe_serialization=True)
                 if weights:
                     weights.pop()
-        if ema is not None and accelerator.is_main_process:
-            ema.save_pretrained(str(Path(output_dir) / "unet_ema"))
+        if ema is not None:
+            full_ema = gathered_ema(accelerator, ema)  # every process
+            if full_ema is not None:
+                full_ema.save_pretrained(str(Path(output_dir) / "unet_ema"))
 
     def load_model_hook(models: list, input_dir: str) -> None:
         if ema is not None:
             loaded = type(ema).from_pretrained(str(Path(input_dir) / "unet_ema"), model_cls=UNet2DConditionModel)
+            sharded_like = ema.shadow_params  # FSDP: DTensor slices, cut the loaded full weights the same way
             ema.load_state_dict(loaded.state_dict())
+            ema.shadow_params = shard_like(ema.shadow_params, sharded_like)
             ema.to(accelerator.device)
             del loaded
         if lora:

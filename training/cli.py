@@ -296,7 +296,21 @@ def start_run(args: argparse.Namespace, gradient_accumulation_steps: int = 1) ->
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging.getLogger(__name__).info(accelerator.state)
+    check_process_count(accelerator, int(os.environ.get("WORLD_SIZE", "1")))
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def check_process_count(accelerator: Any, launched: int) -> None:
+    """ValueError when the launcher started ``launched`` processes (``WORLD_SIZE``) but accelerate set up fewer:
+    without a GPU, ``accelerate launch`` with a GPU config (DDP, FSDP, DeepSpeed) starts processes that each
+    train alone (``DistributedType.NO``) into the same ``--output_dir``."""
+    if launched > accelerator.num_processes:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate set up "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}): no GPU was found for the launch "
+            "configuration, so each process would train alone. The GPU configs (DDP, FSDP, DeepSpeed) need GPUs; "
+            "on CPU launch with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N SCRIPT ...`."
+        )

@@ -333,9 +333,6 @@ SUMMARY_FLAGS = (
 )  # fmt: skip  # the flags the model card reports
 
 
-def final_student(accelerator: Any, student: Any, ema: Any | None = None, lora: bool = False) -> Any:
-    """The UNet to export: unwrapped, with the EMA weights copied in when there is an EMA, LoRA merged."""
-    unet = accelerator.unwrap_model(student)
-    if ema is not None:
-        ema.copy_to(unet.parameters())
+def final_student(unet: Any, lora: bool = False) -> Any:
+    """The UNet to export from the one ``sharding.sampling_weights`` gives (unsharded, EMA weights in): LoRA merged."""
     return merge_lora(unet) if lora else unet

@@ -97,6 +97,19 @@ class DistillationOutput:
     v_target: torch.Tensor  # v*, no grad
 
 
+def student_velocity(
+    student: nn.Module, x_sigma: torch.Tensor, sigma: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """``v = student(x_sigma, flow_timestep(sigma), c)``, fed in the dtype of the student's trainable weights.
+
+    That dtype is float32 under accelerate's own mixed precision (DDP, FSDP: float32 weights, autocast or FSDP's
+    policy makes the bf16 copies), so nothing is cast; DeepSpeed's bf16/fp16 mode casts the weights themselves
+    and not the inputs, which then must be cast here (a float32 input fails in the first layer)."""
+    dtype = next((p.dtype for p in student.parameters() if p.requires_grad), x_sigma.dtype)
+    cond = encoder_hidden_states.to(dtype) if torch.is_tensor(encoder_hidden_states) else encoder_hidden_states
+    return student(x_sigma.to(dtype), flow_timestep(sigma), cond, return_dict=False)[0]
+
+
 def _block_kd_terms(
     flow: torch.Tensor,
     student_pooled: list[torch.Tensor],
@@ -137,7 +150,7 @@ def distillation_loss(
     with torch.no_grad():
         v_target = teacher.velocity(x_sigma, sigma, encoder_hidden_states)
     teacher_pooled = teacher_hooks.features
-    v_pred = student(x_sigma, flow_timestep(sigma), encoder_hidden_states, return_dict=False)[0]
+    v_pred = student_velocity(student, x_sigma, sigma, encoder_hidden_states)
     student_pooled = student_hooks.features
     flow = flow_matching_loss(v_pred, v_target, sigma, config.loss_weighting)
     loss, kd, weights = _block_kd_terms(flow, student_pooled, teacher_pooled, sigma, block_penalty, config)
@@ -176,7 +189,7 @@ def reflow_loss(
         with torch.no_grad():
             teacher.velocity(x_sigma, sigma, encoder_hidden_states)  # for the block features the hooks capture
         teacher_pooled = teacher_hooks.features
-    v_pred = student(x_sigma, flow_timestep(sigma), encoder_hidden_states, return_dict=False)[0]
+    v_pred = student_velocity(student, x_sigma, sigma, encoder_hidden_states)
     student_pooled = student_hooks.features
     flow = flow_matching_loss(v_pred, v_target, sigma, config.loss_weighting)
     if kd_on:

@@ -2,14 +2,14 @@
 
 ``log_validation`` samples both with ``FlowLunePipeline`` and writes ``validation/step-N.png`` (a Pillow grid, each
 prompt under its tiles), and logs it to tensorboard or wandb. ``judge_validation`` (toy teacher only) reads the
-student's samples of held-out toy prompts with the judge.
+student's samples of held-out toy prompts with the judge. Both take the student as
+``sharding.sampling_weights`` gives it to the main process: unsharded, in eval mode, with its EMA weights if any.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,26 +63,9 @@ def image_grid(rows: Sequence[Sequence[Any]], row_labels: Sequence[str], caption
     return grid
 
 
-@contextmanager
-def sampling_weights(accelerator: Any, student: Any, ema: Any | None = None) -> Iterator[Any]:
-    """The unwrapped student in eval mode, with its EMA weights swapped in when ``ema`` is given (and back out)."""
-    unet = accelerator.unwrap_model(student)
-    was_training = unet.training
-    unet.eval()
-    if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-    try:
-        yield unet
-    finally:
-        if ema is not None:
-            ema.restore(unet.parameters())
-        unet.train(was_training)
-
-
 def judge_validation(
     accelerator: Any,
-    student: Any,
+    unet: Any,
     teacher: Any,
     judge: Any,
     prompts: Sequence[str],
@@ -90,11 +73,10 @@ def judge_validation(
     num_inference_steps: int,
     guidance_scale: float,
     seed: int,
-    ema: Any | None = None,
     with_teacher: bool = False,
     batch_size: int = 48,
 ) -> dict[str, float]:
-    """The judge's accuracy on the student's images of toy ``prompts`` (Euler, fixed noise ``z_i`` seeded by
+    """The judge's accuracy on the student ``unet``'s images of toy ``prompts`` (Euler, fixed noise ``z_i`` seeded by
     ``(seed, i)``): ``judge_accuracy`` (all attributes right) and ``judge_accuracy/<attribute>``; with
     ``with_teacher``, the same for the teacher through the flow bridge at the same steps (``teacher_...``)."""
     import torch
@@ -107,29 +89,28 @@ def judge_validation(
     size = int(teacher.unet.config.sample_size)
     noise = fixed_noise(len(prompts), (int(teacher.unet.config.in_channels), size, size), seed)
     out: dict[str, float] = {}
-    with sampling_weights(accelerator, student, ema) as unet:
-        pipes = [("", student_pipeline(unet, teacher, shift))]
-        if with_teacher:
-            pipes.append(("teacher_", FlowLunePipeline.from_teacher(teacher, shift=shift)))
-        for prefix, pipe in pipes:
-            pipe.set_progress_bar_config(disable=True)
-            images = []
-            for i in range(0, len(prompts), batch_size):
-                z = noise[i : i + batch_size].to(accelerator.device, pipe.unet.dtype)
-                with torch.no_grad():
-                    result = pipe(list(prompts[i : i + batch_size]), num_inference_steps=num_inference_steps,
-                                  guidance_scale=guidance_scale, latents=z, height=size * 8, width=size * 8,
-                                  output_type="pt")  # fmt: skip
-                images.append(result.images.float().clamp(0, 1).cpu())
-            acc = judge_accuracy(judge, torch.cat(images), prompts)
-            out[f"{prefix}judge_accuracy"] = acc.pop("all")
-            out.update({f"{prefix}judge_accuracy/{k}": v for k, v in acc.items()})
+    pipes = [("", student_pipeline(unet, teacher, shift))]
+    if with_teacher:
+        pipes.append(("teacher_", FlowLunePipeline.from_teacher(teacher, shift=shift)))
+    for prefix, pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i in range(0, len(prompts), batch_size):
+            z = noise[i : i + batch_size].to(accelerator.device, pipe.unet.dtype)
+            with torch.no_grad():
+                result = pipe(list(prompts[i : i + batch_size]), num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, latents=z, height=size * 8, width=size * 8,
+                              output_type="pt")  # fmt: skip
+            images.append(result.images.float().clamp(0, 1).cpu())
+        acc = judge_accuracy(judge, torch.cat(images), prompts)
+        out[f"{prefix}judge_accuracy"] = acc.pop("all")
+        out.update({f"{prefix}judge_accuracy/{k}": v for k, v in acc.items()})
     return out
 
 
 def log_validation(
     accelerator: Any,
-    student: Any,
+    unet: Any,
     teacher: Any,
     prompts: Sequence[str],
     step: int,
@@ -139,10 +120,9 @@ def log_validation(
     num_inference_steps: int,
     guidance_scale: float,
     seed: int,
-    ema: Any | None = None,
     samples_for: str | None = None,
 ) -> Path:
-    """Sample teacher and student on the same prompts and seeds; save ``validation/step-N.png`` and log it.
+    """Sample teacher and student (``unet``) on the same prompts and seeds; save ``validation/step-N.png`` and log it.
 
     ``samples_for``: the name of the single file the student is exported to (at the end of training). Then each
     student image is also saved alone as ``samples/prompt-K.png`` with the ComfyUI graph that samples that file
@@ -151,10 +131,8 @@ def log_validation(
     model and settings, not the same pixels. The grids carry no graph: they mix the teacher in, and a grid
     during training shows a student that is not the exported one.
 
-    Both pipelines reuse the training modules (the unwrapped student, the teacher's UNet through
-    ``FlowLunePipeline.from_teacher``, its VAE, text encoder and tokenizer): no model is copied. With ``ema``
-    the student is sampled with its EMA weights
-    (swapped in and back out). Main process only.
+    Both pipelines reuse the given modules (``unet``, the teacher's UNet through ``FlowLunePipeline.from_teacher``,
+    its VAE, text encoder and tokenizer): no model is copied. Main process only.
     """
     import numpy as np
     import torch
@@ -163,27 +141,26 @@ def log_validation(
 
     from .export import student_pipeline
 
-    with sampling_weights(accelerator, student, ema) as unet:
-        student_pipe = student_pipeline(unet, teacher, shift)
-        teacher_pipe = FlowLunePipeline.from_teacher(teacher, shift=shift)
-        rows = []
-        for pipe in (teacher_pipe, student_pipe):
-            pipe.set_progress_bar_config(disable=True)
-            images = []
-            for k, prompt in enumerate(prompts):
-                generator = torch.Generator(device=accelerator.device).manual_seed(seed + k)
-                with torch.autocast(accelerator.device.type, enabled=teacher.unet.dtype != torch.float32):
-                    images.append(
-                        pipe(
-                            prompt,
-                            height=resolution,
-                            width=resolution,
-                            num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale,
-                            generator=generator,
-                        ).images[0]
-                    )
-            rows.append(images)
+    student_pipe = student_pipeline(unet, teacher, shift)
+    teacher_pipe = FlowLunePipeline.from_teacher(teacher, shift=shift)
+    rows = []
+    for pipe in (teacher_pipe, student_pipe):
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for k, prompt in enumerate(prompts):
+            generator = torch.Generator(device=accelerator.device).manual_seed(seed + k)
+            with torch.autocast(accelerator.device.type, enabled=teacher.unet.dtype != torch.float32):
+                images.append(
+                    pipe(
+                        prompt,
+                        height=resolution,
+                        width=resolution,
+                        num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale,
+                        generator=generator,
+                    ).images[0]
+                )
+        rows.append(images)
     grid = image_grid(rows, ["teacher (flow bridge)", f"student step {step}"], captions=prompts)
     if samples_for is not None:
         save_student_samples(
@@ -249,6 +226,7 @@ class JudgeReadings:
         log: Any = print,
     ) -> None:
         self.judge = self.prompts = None
+        self.active = num_prompts > 0  # on every process: whether readings are taken (by the main process)
         if num_prompts and accelerator.is_main_process:
             from flow_lune.toy import heldout_prompts, judge_path
             from flow_lune.toy.judge import load_judge
@@ -257,12 +235,13 @@ class JudgeReadings:
         self.accelerator, self.teacher, self.training_log, self.log = accelerator, teacher, training_log, log
         self.shift, self.steps, self.guidance_scale, self.seed = shift, num_inference_steps, guidance_scale, seed
 
-    def __call__(self, student: Any, ema: Any | None, at_step: int, with_teacher: bool = False) -> None:
+    def __call__(self, unet: Any, at_step: int, with_teacher: bool = False) -> None:
+        """Read the student ``unet`` (as ``sharding.sampling_weights`` gives it; None on other processes)."""
         if self.judge is None:
             return
         values = judge_validation(
-            self.accelerator, student, self.teacher, self.judge, self.prompts, self.shift, self.steps,
-            self.guidance_scale, self.seed, ema, with_teacher=with_teacher,
+            self.accelerator, unet, self.teacher, self.judge, self.prompts, self.shift, self.steps,
+            self.guidance_scale, self.seed, with_teacher=with_teacher,
         )  # fmt: skip
         self.training_log.log_values(at_step, values)
         teacher_part = f"; teacher (bridge, same steps) {values['teacher_judge_accuracy']:.1%}" if with_teacher else ""
