@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--judge", default=None, help="'toy', 'tiny' or a judge folder (default toy; quick tiny)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument(
+        "--jobs",
+        type=int,
+        default=1,  # one process; 2 on a 2-core machine: two 1-thread processes beat one 2-thread process here
+        help="train and evaluate the arms in N processes of 1 thread each (arms split round-robin); the report "
+        "is the same as with 1",
+    )
+    g.add_argument("--no_report", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: the parent reports
     g = parser.add_argument_group("training (shared by every arm)")
     g.add_argument("--train_images", type=int, default=None, help="toy training images")
     g.add_argument("--train_batch_size", type=int, default=None)
@@ -112,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if any(s < 1 or s > args.max_train_steps for s in args.eval_at):
         parser.error(f"--eval_at steps must be in [1, --max_train_steps={args.max_train_steps}], got {args.eval_at}")
     args.eval_at = sorted(set(args.eval_at) | {args.max_train_steps})
@@ -139,6 +150,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             except FileNotFoundError as err:
                 parser.error(f"--{name} toy: {err}")
     return args
+
+
+def split_arms(arms: list[str], jobs: int) -> list[list[str]]:
+    """The arms of each child process, round-robin (a, c | b, d for 2 jobs: each gets one KD-free-ish arm)."""
+    return [arms[k::jobs] for k in range(min(jobs, len(arms)))]
+
+
+def run_jobs(args: argparse.Namespace, root: Path) -> None:
+    """Run this script on each share of the arms in its own process (1 thread each, the same study folder, so the
+    shared steps are found done) and wait for all; a failed child stops the study naming its log."""
+    logs = root / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    base = _without(args.argv, "--jobs", "--arms", "--threads")  # the rest of the command, as given
+    children = []
+    for k, arms in enumerate(split_arms(args.arms, args.jobs)):
+        log = logs / f"job-{k}.log"
+        argv = [sys.executable, str(Path(__file__).resolve()), *base, "--arms", ",".join(arms), "--threads", "1",
+                "--no_report"]  # fmt: skip
+        print(f"[ablation] job {k}: arms {','.join(arms)} (log: {log})", flush=True)
+        with open(log, "ab") as out:
+            children.append((k, log, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)))
+    failed = [(k, log) for k, log, child in children if child.wait() != 0]
+    if failed:
+        raise RuntimeError(f"ablation job(s) failed: {', '.join(f'{k} (see {log})' for k, log in failed)}")
+
+
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """``argv`` without the given flags and their one value (``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not a.startswith(tuple(f"{f}=" for f in flags)):
+            out.append(a)
+    return out
 
 
 def shared_trainer_args(args: argparse.Namespace, teacher: Path, data: Path, cache: Path) -> list[str]:
@@ -262,7 +310,10 @@ def main(args: argparse.Namespace) -> dict:
         write_json(untrained_file, {**evaluate_student(context, context.teacher.unet, shift), "training_step": 0})
     untrained = read_json(untrained_file)
 
-    # 6. The runs: train (or resume, or skip), evaluate each saved step, prune the other checkpoints
+    # 6. The runs: train (or resume, or skip), evaluate each saved step, prune the other checkpoints;
+    #    with --jobs N, first in N child processes (this script on a share of the arms), then skipped here
+    if args.jobs > 1:
+        run_jobs(args, root)
     for seed in seeds:
         for arm in args.arms:
             run_dir = root / "runs" / run_name(arm, seed)
@@ -281,6 +332,8 @@ def main(args: argparse.Namespace) -> dict:
                     out, {**record, "training_step": step, "unet": str(folder.relative_to(root)), "seconds": seconds}
                 )
             prune_checkpoints(train_dir, args.eval_at)
+    if args.no_report:
+        return {}
 
     # 7. The arms as they ran: each seed's args.json compared pairwise again
     after = {}

@@ -160,6 +160,7 @@ def main(args: argparse.Namespace) -> dict:
         student_pipeline,
     )
     from flow_lune.ablation.study import (
+        DONE,
         check_study_file,
         git_state,
         load_script,
@@ -205,12 +206,14 @@ def main(args: argparse.Namespace) -> dict:
     pairs = root / "pairs"
     if not (pairs / "index.json").is_file():
         _log("pairs: generating")
+        start = time.perf_counter()
         generator = load_script(REPO, "generate_reflow_pairs.py")
         generator.main(generator.parse_args([
             "--model", str(distilled), "--prompts", "toy", "--num_pairs", str(args.num_pairs),
             "--steps", str(args.pair_steps), "--guidance", str(args.guidance), "--seed", "0",
             "--output_dir", str(pairs),
         ]))  # fmt: skip
+        write_json(root / "pairs-seconds.json", {"seconds": time.perf_counter() - start})  # this start's share
 
     # 3. Reflow runs from the distilled student, one per seed
     for seed in seeds:
@@ -242,10 +245,11 @@ def main(args: argparse.Namespace) -> dict:
         out = root / "eval" / f"{name}.json"
         if not out.is_file():
             _log(f"evaluating {name}")
+            start = time.perf_counter()
             unet = load_unet(unet_dir)
             record = evaluate_student(context, unet, shift, guidance=guidance)
             record["straightness"] = straightness_of(student_pipeline(context, unet, shift), guidance)
-            write_json(out, {**record, "unet": str(unet_dir)})
+            write_json(out, {**record, "unet": str(unet_dir), "seconds": time.perf_counter() - start})
         return read_json(out)
 
     teacher_file = root / "eval" / "teacher.json"
@@ -289,7 +293,15 @@ def main(args: argparse.Namespace) -> dict:
             teacher_eval["by_steps"], distilled_eval["by_steps"], reflowed_means,
             {"distilled": straight["distilled"], "reflowed": straight["reflowed"]["mean"]}, args.reference_steps,
         ),
-        "seconds": time.perf_counter() - started,
+        "seconds": {  # wall times (None: not recorded by the start that made it)
+            "distilled": None if args.distilled else read_json(root / "distilled" / DONE)["seconds"],
+            "pairs": read_json(root / "pairs-seconds.json")["seconds"] if (root / "pairs-seconds.json").is_file()
+            else None,
+            "reflow": {str(s): read_json(root / "reflow" / f"seed{s}" / DONE)["seconds"] for s in seeds},
+            "evaluations": {name: read_json(root / "eval" / f"{name}.json").get("seconds")
+                            for name in ("distilled", *(f"reflow-seed{s}" for s in seeds))},
+            "this_start": time.perf_counter() - started,
+        },
     }  # fmt: skip
     from flow_lune.ablation.reflow_report import plot_quality, report_markdown
     from flow_lune.atomic import atomic_text

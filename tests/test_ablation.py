@@ -152,6 +152,30 @@ def test_every_number_traces_to_the_run_folders(study):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_jobs_split_the_arms_and_give_the_same_numbers(study, tmp_path):
+    assert ablation.split_arms(["a", "b", "c", "d"], 2) == [["a", "c"], ["b", "d"]]
+    assert ablation.split_arms(["a", "d"], 3) == [["a"], ["d"]]
+    assert ablation._without(["--quick", "--arms", "a,d", "--seeds=2", "--threads", "1"], "--arms", "--seeds") == [
+        "--quick", "--threads", "1"
+    ]  # fmt: skip
+    _, serial = study
+    root = tmp_path / "study"
+    parallel = quick(root, "--jobs", "2")  # a and d each in a child process, then the report here
+    assert sorted(p.name for p in (root / "jobs").iterdir()) == ["job-0.log", "job-1.log"]
+    assert "[ablation] a-seed0: training" in (root / "jobs" / "job-0.log").read_text()
+    assert parallel["command"].endswith("--jobs 2")
+    for name, run in serial["runs"].items():  # 1 thread everywhere: the numbers are the same, bit for bit
+        assert _numbers(parallel["runs"][name]["evals"]) == _numbers(run["evals"])
+    assert parallel["arm_summaries"] == serial["arm_summaries"]
+
+
+def _numbers(record):
+    """A record without its wall times, speeds and paths (what differs between two runs of the same study)."""
+    if isinstance(record, dict):
+        return {k: _numbers(v) for k, v in record.items() if k not in ("seconds", "images_per_second", "unet")}
+    return record
+
+
 def test_restart_redoes_nothing_finished_and_resumes_a_killed_run(study, capsys):
     root, _ = study
     runs = root / "runs"

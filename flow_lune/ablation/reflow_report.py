@@ -29,6 +29,17 @@ def _cell(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def _seconds(seconds: Mapping[str, Any]) -> str:
+    """``distilled 312, pairs 465, reflow 480/471/466, ...``: each stage's recorded wall time (``-``: not recorded)."""
+
+    def one(v: Any) -> str:
+        if isinstance(v, Mapping):
+            return "/".join(one(x) for x in v.values())
+        return "-" if v is None else f"{v:.0f}"
+
+    return ", ".join(f"{k.replace('_', ' ')} {one(v)}" for k, v in seconds.items() if k != "this_start")
+
+
 def unet_calls(steps: int, guidance: float) -> int:
     """UNet evaluations per image: one per step, two with classifier-free guidance (scale > 1)."""
     return steps * (2 if guidance > 1 else 1)
@@ -61,7 +72,8 @@ def report_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"- command: `{results['command']}`",
         f"- commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}; "
-        f"written {results['written_utc']} UTC; {results['seconds']:.0f} s for this start",
+        f"written {results['written_utc']} UTC; {results['seconds']['this_start']:.0f} s for this start",
+        f"- wall times (s): {_seconds(results['seconds'])}",
         f"- teacher: `{cfg['teacher']}`; judge: `{cfg['judge']}`; distilled student: {distilled}",
         f"- pairs: {results['pairs']['num_rows']} from the distilled student's Euler {cfg['pair_steps']}-step ODE at "
         f"guidance {cfg['guidance']:g}, seed {pairs.get('seed', 0)}",
@@ -134,6 +146,8 @@ def plot_quality(results: Mapping[str, Any], path: Path) -> Path:
                 ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(steps, labels=[str(s) for s in steps])
+        if metric.startswith("toy_fid"):
+            ax.set_yscale("log")  # from hundreds at one step to about 10: the differences at many steps show
         ax.set(xlabel="sampling steps", title=LABELS[metric])
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small", frameon=False)
