@@ -182,6 +182,8 @@ class Recipe:
     eval_prompts: int  # toy prompts of the evaluation after training (0: none)
     torch_threads: int  # torch.set_num_threads for the run (0: torch's default)
     sampling: SamplingRecommendation  # what the exported student recommends (model card, file header, workflow)
+    reflow_sampling_steps: int  # Euler steps a reflowed student recommends (training.export.recommended_sampling)
+    reflow_steps_basis: str  # where that number comes from, one line for the model card
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +207,12 @@ TOY_RECIPE = Recipe(
     # and 30 s on 2 (threads spin-waiting for a busy core); DESIGN.md saw 2-4x on a calmer machine.
     torch_threads=1,
     sampling=TOY_SAMPLING,  # measured by the evaluator on the default job (see TOY_SAMPLING)
+    # MEASURED by experiments/reflow.py (docs/reflow/report.md: pairs at guidance 2, 3 reflow seeds, sampled at
+    # cfg 1): Euler 1 / 2 / 4 steps gave judge accuracy 99.0% / 100% / 100%, toy FID 11.1 / 10.7 / 10.7. The same
+    # rule as TOY_SAMPLING (the fewest steps within 1 point of the best accuracy and 10% of the best toy FID): 2.
+    reflow_sampling_steps=2,
+    reflow_steps_basis="measured on the toy world (docs/reflow/report.md): at cfg 1, Euler 1 / 2 / 4 steps gave "
+    "judge accuracy 99.0% / 100% / 100% and toy FID 11.1 / 10.7 / 10.7",
 )
 
 SD15_RECIPE = Recipe(
@@ -223,6 +231,12 @@ SD15_RECIPE = Recipe(
     eval_prompts=0,  # evaluate.py with --prompts_file evaluates real models
     torch_threads=0,  # torch's default: large models use every core (GPU runs do not care)
     sampling=SD15_SAMPLING,  # not measured here (see SD15_SAMPLING)
+    # NOT MEASURED: a reflowed SD1.5 student needs a GPU to make pairs and to evaluate. 4 is a judgement: on the
+    # toy world one reflow made 2 steps as good as 25 (docs/reflow/report.md); SD1.5's images are far richer,
+    # and InstaFlow-style one-step SD1.5 models needed distillation on top of reflow.
+    reflow_sampling_steps=4,
+    reflow_steps_basis="not measured (a reflowed SD1.5 student needs a GPU); 4 is a judgement from the toy world, "
+    "where 2 steps sufficed",
 )
 
 

@@ -97,14 +97,28 @@ def test_each_recipe_carries_one_recommendation_labelled_measured_or_not():
 
 
 def test_reflow_keeps_its_own_override_on_the_recipe():
-    from flow_lune.training.export import REFLOW_WORKFLOW_STEPS, recommended_sampling
+    from flow_lune.training.export import recommended_sampling
 
     assert recommended_sampling("toy") == TOY_SAMPLING and recommended_sampling("tiny") == SD15_SAMPLING
     guided = recommended_sampling("toy", "reflow", pair_guidance=3.0)
-    assert (guided.steps, guided.guidance_scale) == (REFLOW_WORKFLOW_STEPS, 1.0)
+    assert (guided.steps, guided.guidance_scale) == (TOY_RECIPE.reflow_sampling_steps, 1.0)
     unguided = recommended_sampling("tiny", "reflow", pair_guidance=1.0)
-    assert (unguided.steps, unguided.guidance_scale) == (REFLOW_WORKFLOW_STEPS, SD15_SAMPLING.guidance_scale)
+    assert (unguided.steps, unguided.guidance_scale) == (
+        SD15_RECIPE.reflow_sampling_steps,
+        SD15_SAMPLING.guidance_scale,
+    )
     assert recommended_sampling("toy", "reflow", 1.0).guidance_scale == TOY_SAMPLING.guidance_scale
+    assert TOY_RECIPE.reflow_steps_basis.startswith("measured") and SD15_RECIPE.reflow_steps_basis.startswith("not")
+
+
+def test_the_toy_reflow_steps_follow_from_the_committed_reflow_report():
+    """docs/reflow/results.json (experiments/reflow.py) under TOY_SAMPLING's rule gives the toy reflow steps."""
+    results = json.loads((REPO / "docs" / "reflow" / "results.json").read_text(encoding="utf-8"))
+    rows = {
+        int(s): (100 * row["accuracy"]["mean"], row["toy_fid_real"]["mean"]) for s, row in results["reflowed"].items()
+    }
+    assert len(rows) >= 3 and results["config"]["guidance"] > 1  # guided pairs: the student samples at cfg 1
+    assert fewest_good_steps(rows) == TOY_RECIPE.reflow_sampling_steps
 
 
 # ---------------------------------------------------------------- the four places of a run

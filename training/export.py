@@ -157,19 +157,18 @@ def _limitation(args_summary: dict[str, Any]) -> str:
     return "it is no better than the teacher sampled with DDIM at the same number of steps. It is not a few-step model."
 
 
-REFLOW_WORKFLOW_STEPS = 4  # reflow is for few-step sampling; the toy goal is 4 steps (measurement pending)
-
-
 def recommended_sampling(
     teacher: str | None, objective: str = "distill", pair_guidance: float | None = None
 ) -> SamplingRecommendation:
     """What the exported card, header and workflow recommend: the recipe of the run's teacher
     (``settings.recipe_for(teacher).sampling``: the toy world's measured one, or SD1.5's) for distillation.
 
-    Reflow on pairs made with guidance > 1 learnt the guided flow: cfg 1, few steps. Reflow on pairs at guidance 1
-    keeps the recipe's CFG, few steps. docs/reflow.md gives the reasons.
+    Reflow: the recipe's ``reflow_sampling_steps`` (toy: measured; SD1.5: not). On pairs made with guidance > 1 the
+    student learnt the guided flow: cfg 1. On pairs at guidance 1 it keeps the recipe's CFG. docs/reflow.md gives
+    the reasons.
     """
-    base = recipe_for(teacher).sampling
+    recipe = recipe_for(teacher)
+    base = recipe.sampling
     if objective != "reflow":
         return base
     guided = pair_guidance is not None and pair_guidance > 1
@@ -177,10 +176,10 @@ def recommended_sampling(
     basis = (
         f"reflow on pairs made at guidance {pair_guidance:g}, so the guidance is in the flow: cfg 1"
         if guided
-        else f"reflow on unguided pairs: the guidance of the {recipe_for(teacher).name} recipe"
+        else f"reflow on unguided pairs: the guidance of the {recipe.name} recipe"
     )
-    basis += f"; {REFLOW_WORKFLOW_STEPS} steps, the few-step goal of reflow (not yet measured)"
-    return replace(base, steps=REFLOW_WORKFLOW_STEPS, guidance_scale=cfg, basis=basis)
+    basis += f"; {recipe.reflow_sampling_steps} steps, {recipe.reflow_steps_basis}"
+    return replace(base, steps=recipe.reflow_sampling_steps, guidance_scale=cfg, basis=basis)
 
 
 def model_card(
