@@ -160,6 +160,8 @@ def split_arms(arms: list[str], jobs: int) -> list[list[str]]:
 def run_jobs(args: argparse.Namespace, root: Path) -> None:
     """Run this script on each share of the arms in its own process (1 thread each, the same study folder, so the
     shared steps are found done) and wait for all; a failed child stops the study naming its log."""
+    from flow_lune.ablation.study import ablation_log
+
     logs = root / "jobs"
     logs.mkdir(parents=True, exist_ok=True)
     base = _without(args.argv, "--jobs", "--arms", "--threads")  # the rest of the command, as given
@@ -168,7 +170,7 @@ def run_jobs(args: argparse.Namespace, root: Path) -> None:
         log = logs / f"job-{k}.log"
         argv = [sys.executable, str(Path(__file__).resolve()), *base, "--arms", ",".join(arms), "--threads", "1",
                 "--no_report"]  # fmt: skip
-        print(f"[ablation] job {k}: arms {','.join(arms)} (log: {log})", flush=True)
+        ablation_log(f"job {k}: arms {','.join(arms)} (log: {log})")
         with open(log, "ab") as out:
             children.append((k, log, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)))
     failed = [(k, log) for k, log, child in children if child.wait() != 0]
@@ -234,6 +236,7 @@ def main(args: argparse.Namespace) -> dict:
     from flow_lune.ablation.arms import ARMS, arm_flags, check_arms, uses_assessor
     from flow_lune.ablation.checkpoint_eval import EvalSettings, evaluate_student, load_context, load_unet
     from flow_lune.ablation.study import (
+        ablation_log,
         check_study_file,
         git_state,
         load_script,
@@ -323,7 +326,7 @@ def main(args: argparse.Namespace) -> dict:
                 out = run_dir / "eval" / f"step-{step}.json"
                 if out.is_file():
                     continue
-                print(f"[ablation] {run_dir.name}: evaluating step {step}", flush=True)
+                ablation_log(f"{run_dir.name}: evaluating step {step}")
                 start = time.perf_counter()
                 folder = student_folder(train_dir, step, args.max_train_steps)
                 record = evaluate_student(context, load_unet(folder), shift)
@@ -381,7 +384,7 @@ def main(args: argparse.Namespace) -> dict:
     atomic_text(out_dir / "report.md", rep.report_markdown(results))
     rep.plot_quality(results, out_dir / "quality.png")
     rep.plot_lambda_arms(lambdas, out_dir / "lambda.png")
-    print(f"[ablation] wrote {out_dir} in {time.perf_counter() - started:.0f} s", flush=True)
+    ablation_log(f"wrote {out_dir} in {time.perf_counter() - started:.0f} s")
     return results
 
 
