@@ -300,7 +300,7 @@ def main(args: argparse.Namespace) -> dict:
 def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, student, runners) -> list[dict]:
     """Mean and spread of ``flow_lune.evaluation.straightness`` per model and guidance; printed too."""
     from flow_lune import FlowLunePipeline
-    from flow_lune.evaluation import trajectory_straightness
+    from flow_lune.evaluation import straightness_summary
 
     pipes = []
     if teacher is not None:
@@ -316,10 +316,10 @@ def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, student
     rows = []
     for name, sampler, pipe in pipes:
         for g in args.guidance:
-            values = trajectory_straightness(pipe, noise[:n], args.straightness_steps, g, prompts[:n], args.batch_size)
+            summary = straightness_summary(pipe, noise[:n], args.straightness_steps, g, prompts[:n], args.batch_size)
             rows.append({
                 "model": name, "sampler": sampler, "guidance": g, "steps": args.straightness_steps, "prompts": n,
-                "straightness": values.mean().item(), "straightness_std": values.std().item() if n > 1 else 0.0,
+                "straightness": summary["mean"], "straightness_std": summary["std"],
             })  # fmt: skip
             print(f"straightness {name} {sampler} g={g:g} ({args.straightness_steps} steps, {n} prompts): "
                   f"{rows[-1]['straightness']:.5f} +- {rows[-1]['straightness_std']:.5f}")  # fmt: skip

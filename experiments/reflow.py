@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> dict:
         run_training,
         write_json,
     )
-    from flow_lune.evaluation import make_runner, trajectory_straightness
+    from flow_lune.evaluation import make_runner, straightness_summary
     from flow_lune.training.reflow_pairs import read_index
 
     started = time.perf_counter()
@@ -235,11 +235,9 @@ def main(args: argparse.Namespace) -> dict:
     n = min(args.straightness_prompts, args.num_prompts)
 
     def straightness_of(pipe, guidance: float) -> dict:
-        values = trajectory_straightness(
+        return straightness_summary(
             pipe, context.noise[:n], args.straightness_steps, guidance, context.prompts[:n], settings.batch_size
         )
-        return {"mean": values.mean().item(), "std": values.std().item() if n > 1 else 0.0, "paths": n,
-                "steps": args.straightness_steps, "guidance": guidance}  # fmt: skip
 
     def evaluated(name: str, unet_dir: Path, shift: float, guidance: float) -> dict:
         out = root / "eval" / f"{name}.json"

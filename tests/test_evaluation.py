@@ -185,10 +185,19 @@ def test_evaluate_tiny_random_teacher_and_student_judge_near_chance(tiny_teacher
             "96",
             "--output_dir",
             str(out),
+            "--straightness",
+            "--straightness_steps",
+            "3",
+            "--straightness_prompts",
+            "4",
         ]
     )
     saved = json.loads((out / "eval.json").read_text())
     assert saved["settings"] == json.loads(json.dumps(report["settings"]))
+    rows = {(r["model"], r["sampler"], r["guidance"]): r for r in saved["straightness"]}
+    assert set(rows) == {("teacher", "bridge", 3.0), ("student", "euler", 3.0)}
+    for row in rows.values():  # random weights: curved paths, measured on the 4 prompts asked for
+        assert row["steps"] == 3 and row["prompts"] == 4 and row["straightness"] > 0 and row["straightness_std"] >= 0
     labels = {(s["model"], s["sampler"], s["steps"]) for s in saved["settings"]}
     assert labels == {(m, s, k) for m, s in [("teacher", "ddim"), ("student", "euler")] for k in (1, 2)}
     chance = {"shape": 1 / 3, "colour": 1 / 4, "position": 1 / 4}

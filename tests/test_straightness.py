@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flow_lune.evaluation import sample_trajectory, straightness, trajectory_straightness
+from flow_lune.evaluation import sample_trajectory, straightness, straightness_summary, trajectory_straightness
 
 
 def test_quadratic_path_by_hand():
@@ -65,3 +65,16 @@ def test_curved_analytic_ode_through_the_pipeline(tiny_flow_pipe, one_thread):
     assert torch.equal(traj.states[0], noise)
     torch.testing.assert_close(traj.states[2], noise - 2.5, atol=1e-5, rtol=0)
     torch.testing.assert_close(straightness(traj.states, traj.sigmas), torch.tensor([1 / 300], dtype=torch.float64))
+
+
+def test_summary_is_the_mean_and_spread_of_the_paths(tiny_flow_pipe, one_thread):
+    # v = a + 2 b sigma on Euler 2 steps: S = 1/300 for every path (the case above), so the spread is 0; one path
+    # alone reports std 0 rather than torch's NaN.
+    analytic_velocity(tiny_flow_pipe.unet, a=1.0, b=1.0)
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red square", "a blue circle", "a green triangle"]
+    summary = straightness_summary(tiny_flow_pipe, noise, 2, 1.0, prompts, batch_size=2)
+    assert summary["paths"] == 3 and summary["steps"] == 2 and summary["guidance"] == 1.0
+    assert abs(summary["mean"] - 1 / 300) < 1e-9 and summary["std"] < 1e-9
+    single = straightness_summary(tiny_flow_pipe, noise[:1], 2, 1.0, prompts[:1])
+    assert single["paths"] == 1 and single["std"] == 0.0 and abs(single["mean"] - 1 / 300) < 1e-9

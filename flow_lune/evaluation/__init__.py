@@ -15,7 +15,14 @@ from .metrics import (
 from .real_metrics import clip_model_loader, clip_score, inception_fid
 from .report import write_chart, write_grid, write_json
 from .sampling import SAMPLERS, Runner, ddim_scheduler, fixed_noise, load_pipeline, make_runner, sample_all
-from .straightness import Trajectory, TrajectoryRecorder, sample_trajectory, straightness, trajectory_straightness
+from .straightness import (
+    Trajectory,
+    TrajectoryRecorder,
+    sample_trajectory,
+    straightness,
+    straightness_summary,
+    trajectory_straightness,
+)
 
 __all__ = [
     "SAMPLERS",
@@ -38,6 +45,7 @@ __all__ = [
     "sample_all",
     "sample_trajectory",
     "straightness",
+    "straightness_summary",
     "toy_fid",
     "trajectory_straightness",
     "write_chart",

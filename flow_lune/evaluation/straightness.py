@@ -100,3 +100,13 @@ def trajectory_straightness(
         traj = sample_trajectory(pipe, noise[i : i + batch_size], steps, guidance, prompts[i : i + batch_size])
         out.append(straightness(traj.states, traj.sigmas))
     return torch.cat(out)
+
+
+def straightness_summary(
+    pipe: Any, noise: torch.Tensor, steps: int, guidance: float, prompts: Sequence[str], batch_size: int = 48
+) -> dict:
+    """Mean and sample standard deviation of ``trajectory_straightness`` over the paths, with what was measured:
+    ``{"mean", "std", "paths", "steps", "guidance"}`` (std 0 for a single path)."""
+    values = trajectory_straightness(pipe, noise, steps, guidance, prompts, batch_size)
+    std = values.std().item() if len(values) > 1 else 0.0
+    return {"mean": values.mean().item(), "std": std, "paths": len(values), "steps": steps, "guidance": guidance}
