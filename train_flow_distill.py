@@ -271,7 +271,16 @@ def main(args: argparse.Namespace) -> Path:
     # 0. A second run of a finished command: say so and stop; an interrupted export: finish it from pipeline/
     done = None if args.overwrite_output_dir else finished_run(output_dir)
     if done is not None:
-        if main_process:
+        if main_process and args.eval_prompts and not (output_dir / "eval" / "summary.md").is_file():
+            # the evaluation runs after run-complete.json and writes summary.md last: it did not finish
+            print(f"{output_dir} holds a finished run whose evaluation did not finish: evaluating.", file=sys.stderr)
+            quiet_third_party()
+            if args.torch_threads:
+                import torch
+
+                torch.set_num_threads(args.torch_threads)
+            final_evaluation(args, output_dir / PIPELINE_DIRNAME, output_dir)
+        elif main_process:
             print(completion_message(output_dir, done), file=sys.stderr)
         return output_dir / PIPELINE_DIRNAME
     if not args.overwrite_output_dir and interrupted_export(output_dir) and (output_dir / PIPELINE_DIRNAME).is_dir():

@@ -163,6 +163,21 @@ def test_short_toy_run_logs_the_judge_and_writes_the_eval_table(tmp_path):
     assert "| student | euler | 1 |" in summary and "| teacher | ddim | 2 |" in summary
     assert (out / "eval" / "grid.png").is_file()
 
+    # An evaluation that crashed after the run completed: the same command runs it again, and only it.
+    import shutil
+
+    shutil.rmtree(out / "eval")
+    weights = (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert train_flow_distill.main(args) == out / "pipeline"
+    again = json.loads((out / "eval" / "eval.json").read_text())["settings"]
+
+    def measured(settings):  # the same student and noise give the same figures; only the speed differs
+        return [{k: v for k, v in s.items() if k != "images_per_second"} for s in settings]
+
+    assert measured(again) == measured(report["settings"])
+    assert (out / "eval" / "summary.md").is_file()
+    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
+
 
 class _OneProcess:
     """Stands in for the Accelerator in ``materialize_toy_data``: the main process, no one to wait for."""
