@@ -162,14 +162,16 @@ def editor_sampling(path: Path) -> tuple[int, float]:
     return sampler["widgets_values"][2], sampler["widgets_values"][3]  # seed, control, steps, cfg, ...
 
 
-@pytest.mark.parametrize("run, expected", [("toy_run", TOY_SAMPLING), ("sd15_run", SD15_SAMPLING)])
-def test_the_model_card_header_and_workflows_of_a_run_give_its_recipes_recommendation(request, run, expected):
+@pytest.mark.parametrize("run, recipe", [("toy_run", TOY_RECIPE), ("sd15_run", SD15_RECIPE)])
+def test_the_model_card_header_and_workflows_of_a_run_give_its_recipes_recommendation(request, run, recipe):
     from huggingface_hub import metadata_load
 
     out = request.getfixturevalue(run)
+    expected = recipe.sampling
     steps, cfg, shift = expected.steps, expected.guidance_scale, expected.shift
     card_path = out / "pipeline" / "README.md"
     card = card_path.read_text()
+    assert f'prompt = "{recipe.validation_prompts[0]}"' in card  # a prompt this teacher draws
     assert f"**Sampling:** {steps} Euler steps, guidance {cfg:g}, shift {shift:g}" in card
     assert f"num_inference_steps={steps}, guidance_scale={cfg:g}" in card
     assert f"with {steps} euler steps at cfg {cfg:g}" in card

@@ -103,6 +103,7 @@ def model_card_text(
     repo = hub_model_id or "path/to/pipeline"
     rows = "\n".join(f"| `--{k}` | `{v}` |" for k, v in args_summary.items())
     steps, cfg = sampling.steps, sampling.guidance_scale
+    example = recipe_for(teacher_source).validation_prompts[0]  # a prompt this teacher draws (toy: a toy caption)
     return f"""# Flow Lune student of `{name}`
 
 A rectified-flow student distilled with Flow Lune's `train_flow_distill.py` from the epsilon-prediction
@@ -122,9 +123,9 @@ from flow_lune import FlowLunePipeline
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.float16 if device == "cuda" else torch.float32
 pipe = FlowLunePipeline.from_pretrained("{repo}", dtype=dtype).to(device)
-prompt = "a photograph of a lighthouse on a cliff at sunset"
+prompt = "{example}"
 image = pipe(prompt, num_inference_steps={steps}, guidance_scale={cfg:g}).images[0]
-image.save("lighthouse.png")
+image.save("sample.png")
 ```
 
 ## Use with ComfyUI / A1111
