@@ -144,6 +144,18 @@ def test_manifest_sha256_matches_every_shipped_file():
     assert manifest["total_bytes"] < 16e6
 
 
+def test_shipped_scheduler_is_the_builds_and_the_evaluators_ddim(tmp_path):
+    from flow_lune.toy.build import teacher_scheduler
+
+    teacher_scheduler().save_config(tmp_path)
+    written = json.loads((tmp_path / "scheduler_config.json").read_text())
+    shipped = json.loads((manifest_path().parent / "teacher" / "scheduler" / "scheduler_config.json").read_text())
+    written.pop("_diffusers_version"), shipped.pop("_diffusers_version")
+    assert written == shipped and shipped["_class_name"] == "DDIMScheduler"
+    assert shipped["set_alpha_to_one"] is True and shipped["clip_sample"] is False
+    assert (shipped["beta_schedule"], shipped["beta_start"], shipped["beta_end"]) == ("scaled_linear", 0.00085, 0.012)
+
+
 def test_shipped_teacher_has_sd15_layout(toy_teacher):
     from flow_lune.tiny import SD15_SCHEDULER_CONFIG
 

@@ -188,12 +188,10 @@ def train_teacher(latent_mean, latent_std, scaling_factor: float, captions, toke
 
 def teacher_scheduler():
     """The shipped scheduler: DDIM over SD1.5's betas; final alpha 1 and no clipping, as the flow bridge."""
-    from diffusers import DDIMScheduler
-
+    from flow_lune.evaluation.sampling import ddim_scheduler
     from flow_lune.tiny import SD15_SCHEDULER_CONFIG
 
-    config = {k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps",)}
-    return DDIMScheduler.from_config({**config, "set_alpha_to_one": True, "clip_sample": False})
+    return ddim_scheduler({k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
 
 
 @torch.no_grad()
