@@ -10,8 +10,9 @@ With ``a_t = sqrt(abar_t)``, ``s_t = sqrt(1 - abar_t)`` from the teacher's own s
     v*      = eps_hat - x0_hat
 
 Euler in sigma with ``v*`` on the sigma grid of DDIM's timesteps *is* DDIM (eta = 0). Outside the
-teacher's range, sigma > sigma(999) queries t = 999 and forms x0_hat with a_999, s_999, then
-``v* = (x_sigma - x0_hat) / sigma``; sigma < sigma(0) queries t = 0 with the formulas above.
+teacher's range, sigma > sigma(999) is pure noise to the teacher (DDIM starts there from ``n(sigma(999)) z``):
+``v* = (2 sigma - 1) / n(sigma)^2 * x_sigma``, the rescaling ``x_sigma = n(sigma) z`` that carries noise at
+sigma = 1 to that start; sigma < sigma(0) queries t = 0 with the formulas above.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import torch
 from torch import nn
 
 from .convention import FLOW_TIMESTEPS, expand_sigma, sigma_from_flow_timestep
+
+# States this close above sigma(T-1) keep the in-range form (t clamps to T-1 there): a DDIM grid given in float32
+# starts at sigma(T-1) rounded, and must stay DDIM.
+SWITCH_SLACK = 1e-6
 
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
 
@@ -156,20 +161,28 @@ def velocity_from_eps(
 ) -> torch.Tensor:
     """Teacher-consistent velocity ``v*`` from the teacher's ``eps_hat`` at ``teacher_query``'s input.
 
-    In range: ``x0_hat = (x_sigma - sigma * eps_hat) / (1 - sigma)``, ``v* = eps_hat - x0_hat``.
-    Above sigma(T-1): ``x0_hat = (x_sigma / n(sigma) - s_max * eps_hat) / a_max`` and
-    ``v* = (x_sigma - x0_hat) / sigma``, finite at sigma = 1 and continuous at the switch.
+    In range (and below sigma(0)): ``x0_hat = (x_sigma - sigma * eps_hat) / (1 - sigma)``, ``v* = eps_hat - x0_hat``.
+
+    Above sigma(T-1) the teacher has no state: DDIM starts at sigma(T-1) from pure noise ``n(sigma(T-1)) z``.
+    The flow that carries noise ``z`` at sigma = 1 to exactly that start is the rescaling ``x_sigma = n(sigma) z``:
+
+        v* = d x_sigma / d sigma = n'(sigma) / n(sigma) * x_sigma = (2 sigma - 1) / n(sigma)^2 * x_sigma
+
+    (no ``eps_hat``: guidance leaves it unchanged). It is discontinuous at the switch, where content starts
+    to form, as DDIM's first step does; the earlier straight line through the t = T-1 estimate ``x0_hat``
+    amplified its error by ``1 / a_max`` and made the teacher's own bridge from sigma = 1 draw badly
+    (docs/math.md, "Outside the teacher's range").
     """
-    sigma = torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device).expand(x_sigma.shape[0])
-    sig = expand_sigma(sigma, x_sigma)
-    a_max = float(schedule.a[-1])
-    s_max = float(schedule.s[-1])
-    above = sig > schedule.sigma_max
+    sigma = torch.as_tensor(sigma, device=x_sigma.device).expand(x_sigma.shape[0])
+    # Which side of the switch, decided at sigma's own precision (float32 rounds sigma(T-1) up by up to 3e-8;
+    # half precision would move states near it across): the in-range form is exact up to SWITCH_SLACK above.
+    precise = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
+    above = (precise > schedule.sigma_max + SWITCH_SLACK).reshape(-1, *([1] * (x_sigma.ndim - 1)))
+    sig = expand_sigma(sigma.to(x_sigma.dtype), x_sigma)
     # In-range form; the denominator is kept away from 0 where the other branch is taken.
     x0_in = (x_sigma - sig * eps_hat) / torch.where(above, torch.ones_like(sig), 1 - sig)
     v_in = eps_hat - x0_in
-    x0_above = (teacher_input(x_sigma, sig) - s_max * eps_hat) / a_max
-    v_above = (x_sigma - x0_above) / torch.where(above, sig, torch.ones_like(sig))
+    v_above = (2 * sig - 1) / noise_norm(sig) ** 2 * x_sigma
     return torch.where(above, v_above, v_in)
 
 
