@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ddim (default): diffusers' DDIM; bridge: the teacher via FlowLunePipeline.from_teacher, Euler",
     )
     g.add_argument(
-        "--shift", type=float, default=None, help="bridge sampler's shift (default: the student's, else 1.0)"
+        "--shift",
+        type=float,
+        default=None,
+        help="sampling shift of the student (Euler) and the teacher bridge (default: the student's, else 1.0)",
     )
     g = parser.add_argument_group("settings")
     g.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS, help="sampling step counts")
@@ -206,7 +209,7 @@ def main(args: argparse.Namespace) -> dict:
         )
         runners += [make_runner("teacher", teacher, s, shift=shift) for s in args.teacher_samplers]
     if student is not None:
-        runners.append(make_runner("student", student, "euler"))
+        runners.append(make_runner("student", student, "euler", shift=args.shift))
     unet = runners[0].pipe.unet
     sample_size = unet.config.sample_size
     noise = fixed_noise(len(prompts), (unet.config.in_channels, sample_size, sample_size), args.seed)
@@ -250,6 +253,8 @@ def main(args: argparse.Namespace) -> dict:
         if runner is ref_runner and steps == reference_steps:
             references[g] = images
         row = {"model": runner.name, "sampler": runner.sampler, "steps": steps, "guidance": g, "images_per_second": ips}
+        if runner.sampler != "ddim":
+            row["shift"] = runner.pipe.scheduler.config.shift
         if toy:
             acc = judge_accuracy(judge, images, prompts)
             row.update({"accuracy": acc["all"], "accuracy_per_attribute": {k: v for k, v in acc.items() if k != "all"}})
@@ -311,7 +316,7 @@ def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, student
         bridge.set_progress_bar_config(disable=True)
         pipes.append(("teacher", "bridge", bridge))
     if student is not None:
-        pipes.append(("student", "euler", student))
+        pipes.append(("student", "euler", next(r.pipe for r in runners if r.name == "student")))
     n = min(args.straightness_prompts, len(prompts))
     rows = []
     for name, sampler, pipe in pipes:

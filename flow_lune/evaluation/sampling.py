@@ -112,7 +112,11 @@ class Runner:
 
 
 def make_runner(name: str, pipe: Any, sampler: str, shift: float | None = None) -> Runner:
-    """A runner of ``pipe`` with ``sampler``: ``euler`` for a flow pipeline; ``ddim``/``bridge`` for an SD1.5 one."""
+    """A runner of ``pipe`` with ``sampler``: ``euler`` for a flow pipeline; ``ddim``/``bridge`` for an SD1.5 one.
+
+    ``shift`` is the sampling shift of the flow samplers: the bridge's (default 1.0) and, when given, the
+    student's instead of the one in its scheduler config (a copy of the pipeline; ``pipe`` is not changed).
+    """
     from flow_lune import FlowLunePipeline
 
     if sampler not in SAMPLERS:
@@ -128,6 +132,9 @@ def make_runner(name: str, pipe: Any, sampler: str, shift: float | None = None) 
         pipe = StableDiffusionPipeline(**{**pipe.components, "scheduler": ddim_scheduler(pipe.scheduler.config)})
     elif sampler == "bridge":
         pipe = FlowLunePipeline.from_teacher(pipe, shift=1.0 if shift is None else shift)
+    elif shift is not None and shift != pipe.scheduler.config.shift:
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=shift)
+        pipe = FlowLunePipeline(**{**pipe.components, "scheduler": scheduler})
     pipe.set_progress_bar_config(disable=True)
     return Runner(name=name, sampler=sampler, pipe=pipe)
 
