@@ -105,7 +105,7 @@ class SamplingRecommendation:
 
 # The toy world's recommendation, MEASURED by the evaluator (flow_lune/evaluation, evaluate.py) on the default job:
 # `accelerate launch train_flow_distill.py --output_dir DIR --seed S` (shipped toy teacher, 500 steps, S = 0, 1, 2;
-# commit 18ed32f), its eval/summary.md (96 held-out prompts, guidance 2, shift 3; README, "The default job"):
+# commits 18ed32f and bfc3642), its eval/summary.md (96 held-out prompts, guidance 2, shift 3; README):
 # student Euler 25 / 8 / 4 reached judge accuracy 100% / 100% / 100% on every seed and mean toy FID
 # 12.7 / 14.0 / 16.6 (teacher DDIM 25: 98.6%, 10.1; its DDIM 8: 10.8). Rule: the fewest Euler steps within 1 point
 # of the best accuracy and within 10% of the best toy FID: 25 (8 steps are 10.3% above: 11%, 7%, 14% on seeds 0, 1,
