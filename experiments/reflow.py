@@ -8,8 +8,9 @@ Stages, each skipped when its output is complete (a killed experiment restarted 
 
 1. **distilled**: ``train_flow_distill.py`` with the default job's recipe (toy teacher: 500 steps, batch 32),
    seed 0, on the toy training images. ``--distilled DIR`` uses an existing FlowLunePipeline folder instead.
-2. **pairs**: ``generate_reflow_pairs.py --model distilled`` at the evaluation's guidance (the reflowed student
-   learns the guided flow and samples at cfg 1, docs/reflow.md).
+2. **pairs**: ``generate_reflow_pairs.py`` at the evaluation's guidance (the reflowed student learns the guided
+   flow and samples at cfg 1, docs/reflow.md), from the teacher's exact ODE through the bridge (default,
+   ``--pairs_from teacher``) or from the distilled student's (``--pairs_from distilled``).
 3. **reflow**: ``train_flow_distill.py --objective reflow`` from the distilled student, one run per seed.
 4. **evaluation**: every model from the same prompts and the same noise (``flow_lune.ablation.checkpoint_eval``):
    the teacher with DDIM, the distilled student with Euler at the same guidance, the reflowed students with
@@ -36,7 +37,7 @@ FULL = dict(
     train_images=4800,  # the default job's toy training split
     distill_steps=500,  # the default job's recipe (flow_lune.settings.TOY_RECIPE)
     num_pairs=2048,  # ~43 per attribute combination
-    pair_steps=32,  # Euler steps of the student's ODE: its Euler 25 already matches the teacher (README)
+    pair_steps=32,  # Euler steps of the pairs' ODE: the teacher's through the bridge at 32 has DDIM 25's quality
     reflow_steps=1000,
     reflow_batch_size=32,
     reflow_learning_rate=1e-4,  # half the distillation's: a fine-tune of a trained student
@@ -66,8 +67,8 @@ QUICK = dict(
     straightness_steps=2,
     straightness_prompts=2,
 )
-STAGE_SETTINGS = ("teacher", "judge", "train_images", "distill_steps", "distilled", "num_pairs", "pair_steps",
-                  "guidance", "reflow_steps", "reflow_batch_size", "reflow_learning_rate", "euler_steps",
+STAGE_SETTINGS = ("teacher", "judge", "train_images", "distill_steps", "distilled", "pairs_from", "num_pairs",
+                  "pair_steps", "guidance", "reflow_steps", "reflow_batch_size", "reflow_learning_rate", "euler_steps",
                   "num_prompts", "heldout_images", "reference_steps", "straightness_steps", "straightness_prompts",
                   "eval_seed", "quick")  # fmt: skip
 
@@ -81,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distilled", default=None, help="a distilled FlowLunePipeline folder (skips stage 1)")
     parser.add_argument("--train_images", type=int, default=None, help="toy training images of the distillation")
     parser.add_argument("--distill_steps", type=int, default=None, help="distillation steps (default 500)")
+    parser.add_argument(
+        "--pairs_from", choices=("teacher", "distilled"), default="teacher",
+        help="whose ODE the pairs' ends come from: the teacher's (bridge; default) or the distilled student's",
+    )  # fmt: skip
     parser.add_argument("--num_pairs", type=int, default=None, help="reflow pairs (default 2048)")
     parser.add_argument("--pair_steps", type=int, default=None, help="Euler steps of the pairs' ODE (default 32)")
     parser.add_argument("--guidance", type=float, default=2.0, help="CFG of the pairs, the teacher and the distilled")
@@ -125,7 +130,8 @@ def scheduler_shift(pipeline_dir: Path) -> float:
 
 
 def goals(teacher: dict, distilled: dict, reflowed: dict, straight: dict, reference_steps: int) -> list[dict]:
-    """Issue 11's goals, each with the numbers it compares (reflowed: the mean over its seeds)."""
+    """Issue 11's goals and issue 9's few-step FID target, each with the numbers it compares (reflowed: the
+    mean over its seeds)."""
     out = []
 
     def acc(table: dict, steps: int) -> float | None:
@@ -142,6 +148,12 @@ def goals(teacher: dict, distilled: dict, reflowed: dict, straight: dict, refere
         goal = f"reflowed at 4 steps within 3 points of the teacher's DDIM {reference_steps} (accuracy)"
         values = {"reflowed_4": r4, f"teacher_ddim_{reference_steps}": t_ref}
         out.append({"goal": goal, "met": r4 >= t_ref - 0.03, "values": values})
+    r8 = reflowed.get("8", {}).get("toy_fid_real")
+    t_fid = teacher.get(str(reference_steps), {}).get("toy_fid_real")
+    if r8 is not None and t_fid is not None:  # issue 9's few-step quality target
+        goal = f"reflowed at 8 steps: toy FID at most 10% above the teacher's DDIM {reference_steps}"
+        values = {"reflowed_8": r8, f"teacher_ddim_{reference_steps}": t_fid}
+        out.append({"goal": goal, "met": r8 <= 1.1 * t_fid, "values": values})
     values = {"reflowed": straight["reflowed"], "distilled": straight["distilled"]}
     goal = "straightness lower after reflow than before"
     out.append({"goal": goal, "met": straight["reflowed"] < straight["distilled"], "values": values})
@@ -202,14 +214,16 @@ def main(args: argparse.Namespace) -> dict:
         run_training(trainer, distill_argv, root / "distilled", args.distill_steps, log=_log)
         distilled = root / "distilled" / "train" / "pipeline"
 
-    # 2. Pairs from the distilled student's guided ODE (generate_reflow_pairs.py resumes a partial set itself)
+    # 2. Pairs from the teacher's or the distilled student's guided ODE (generate_reflow_pairs.py resumes a partial
+    #    set itself); the teacher's at the distilled student's sampling shift, so both ODEs use one step grid
     pairs = root / "pairs"
     if not (pairs / "index.json").is_file():
-        _log("pairs: generating")
+        _log(f"pairs from the {args.pairs_from}: generating")
         start = time.perf_counter()
         generator = load_script(REPO, "generate_reflow_pairs.py")
+        source = teacher if args.pairs_from == "teacher" else distilled
         generator.main(generator.parse_args([
-            "--model", str(distilled), "--prompts", "toy", "--num_pairs", str(args.num_pairs),
+            "--model", str(source), "--shift", str(scheduler_shift(distilled)), "--prompts", "toy", "--num_pairs", str(args.num_pairs),
             "--steps", str(args.pair_steps), "--guidance", str(args.guidance), "--seed", "0",
             "--output_dir", str(pairs),
         ]))  # fmt: skip

@@ -46,8 +46,11 @@ def test_report_structure(experiment):
     assert saved["git"]["commit"] == head and saved["command"].startswith("python experiments/reflow.py --quick")
     assert set(saved["reflowed_runs"]) == {"0", "1"} and saved["pairs"]["num_rows"] == 8
     assert saved["pairs"]["config"]["guidance"] == 2.0  # the pairs are the guided ODE's ends
+    # by default of the teacher's ODE (through the bridge), on the distilled student's step grid
+    assert saved["pairs"]["config"]["model_kind"] == "teacher" and saved["config"]["pairs_from"] == "teacher"
+    assert saved["pairs"]["config"]["shift"] == reflow.scheduler_shift(root / "distilled" / "train" / "pipeline")
     text = (out / "report.md").read_text()
-    for heading in ("## judge accuracy", "## toy FID vs real", "## Straightness", "## Goals (issue 11)"):
+    for heading in ("## judge accuracy", "## toy FID vs real", "## Straightness", "## Goals (issues 11 and 9)"):
         assert heading in text
     # the reflowed student samples at cfg 1, the distilled one at the pairs' guidance
     assert saved["distilled"]["guidance"] == 2.0
@@ -91,6 +94,12 @@ def test_goals_compare_the_named_numbers():
     assert [g["met"] for g in goals] == [True, False, False]  # 0.95 >= 0.95; 0.955 < 0.96; 0.03 > 0.02
     reflowed["4"]["accuracy"] = 0.97
     assert reflow.goals(teacher, distilled, reflowed, {"distilled": 0.02, "reflowed": 0.01}, 25)[1]["met"]
+    # issue 9's few-step target: reflowed Euler 8 toy FID at most 10% above the teacher's DDIM 25
+    teacher["25"]["toy_fid_real"], reflowed["8"] = 5.0, {"toy_fid_real": 5.5}
+    fid = reflow.goals(teacher, distilled, reflowed, {"distilled": 0.02, "reflowed": 0.01}, 25)[2]
+    assert fid["met"] and fid["values"] == {"reflowed_8": 5.5, "teacher_ddim_25": 5.0}
+    reflowed["8"]["toy_fid_real"] = 5.51
+    assert not reflow.goals(teacher, distilled, reflowed, {"distilled": 0.02, "reflowed": 0.01}, 25)[2]["met"]
 
 
 def test_restart_redoes_nothing_and_other_settings_are_refused(experiment, capsys):

@@ -17,6 +17,11 @@ LABELS = {
     "same_noise_psnr": "same-noise PSNR (dB)",
 }
 
+_PAIR_SOURCES = {  # experiments/reflow.py --pairs_from (a results.json from before the option: the distilled)
+    "teacher": "teacher's exact ODE (the bridge)",
+    "distilled": "distilled student's ODE",
+}
+
 
 def _cell(value: Any, digits: int) -> str:
     """A number, or ``mean [low, high]`` for an interval (a single seed: the mean alone), or ``-``."""
@@ -75,8 +80,9 @@ def report_markdown(results: Mapping[str, Any]) -> str:
         f"written {results['written_utc']} UTC; {results['seconds']['this_start']:.0f} s for this start",
         f"- wall times (s): {_seconds(results['seconds'])}",
         f"- teacher: `{cfg['teacher']}`; judge: `{cfg['judge']}`; distilled student: {distilled}",
-        f"- pairs: {results['pairs']['num_rows']} from the distilled student's Euler {cfg['pair_steps']}-step ODE at "
-        f"guidance {cfg['guidance']:g}, seed {pairs.get('seed', 0)}",
+        f"- pairs: {results['pairs']['num_rows']} from the {_PAIR_SOURCES[cfg.get('pairs_from', 'distilled')]} at "
+        f"{cfg['pair_steps']} Euler steps (shift {pairs['shift']:g}), guidance {cfg['guidance']:g}, seed "
+        f"{pairs.get('seed', 0)}",
         f"- reflow: {cfg['reflow_steps']} steps, batch {cfg['reflow_batch_size']}, learning rate "
         f"{cfg['reflow_learning_rate']:g}, from the distilled student; seeds {cfg['seeds']}; sampled at cfg 1",
         f"- evaluation: {cfg['num_prompts']} held-out toy prompts, the same noise for every model (seed "
@@ -113,7 +119,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
         f"| distilled, cfg {cfg['guidance']:g} | {_cell(results['straightness']['distilled'], 5)} |",
         f"| reflowed, cfg 1 | {_cell(results['straightness']['reflowed'], 5)} |",
         "",
-        "## Goals (issue 11)",
+        "## Goals (issues 11 and 9)",
         "",
     ]
     for goal in results["goals"]:
