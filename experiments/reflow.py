@@ -223,8 +223,9 @@ def main(args: argparse.Namespace) -> dict:
         generator = load_script(REPO, "generate_reflow_pairs.py")
         source = teacher if args.pairs_from == "teacher" else distilled
         generator.main(generator.parse_args([
-            "--model", str(source), "--shift", str(scheduler_shift(distilled)), "--prompts", "toy", "--num_pairs", str(args.num_pairs),
-            "--steps", str(args.pair_steps), "--guidance", str(args.guidance), "--seed", "0",
+            "--model", str(source), "--shift", str(scheduler_shift(distilled)), "--prompts", "toy",
+            "--num_pairs", str(args.num_pairs), "--steps", str(args.pair_steps), "--guidance", str(args.guidance),
+            "--seed", "0",
             "--output_dir", str(pairs),
         ]))  # fmt: skip
         write_json(root / "pairs-seconds.json", {"seconds": time.perf_counter() - start})  # this start's share
