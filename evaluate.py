@@ -9,6 +9,8 @@ writes ``eval.json`` (per setting: the judge's accuracy overall and per attribut
 real images and against the teacher's DDIM samples, same-noise agreement with the teacher, images per
 second), ``grid.png`` (each prompt under its tile) and ``chart.png`` (quality against steps, teacher and
 student on one chart); with ``--straightness``, each model's path straightness per guidance (docs/reflow.md).
+``--teacher_guidance G`` samples the teacher (its rows and the reference) at G only, and compares every student row
+with that reference: for a reflowed student trained on pairs guided at G, which samples at ``--guidance 1``.
 With ``--prompts_file`` (real SD1.5 models) it computes torchmetrics' CLIP score and,
 with ``--reference_images``, its Inception FID instead of the judge's metrics.
 """
@@ -56,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS, help="sampling step counts")
     g.add_argument(
         "--guidance", type=float, nargs="+", default=DEFAULT_GUIDANCE, help="classifier-free guidance scales"
+    )
+    g.add_argument(
+        "--teacher_guidance",
+        type=float,
+        default=None,
+        help="the teacher's guidance, for its rows and the reference images (default: each --guidance); a student "
+        "reflowed on pairs guided at G: --guidance 1 --teacher_guidance G",
     )
     g.add_argument(
         "--reference_steps",
@@ -115,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--steps must all be >= 1, got {args.steps}")
     if any(g < 1.0 for g in args.guidance):
         parser.error(f"--guidance scales must be >= 1 (1 disables guidance), got {args.guidance}")
+    if args.teacher_guidance is not None and args.teacher_guidance < 1.0:
+        parser.error(f"--teacher_guidance must be >= 1 (1 disables guidance), got {args.teacher_guidance}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.student is None and args.teacher == "none":
@@ -231,17 +242,26 @@ def main(args: argparse.Namespace) -> dict:
     elif args.reference_images is not None:
         real = read_images(args.reference_images, sample_size * 8)
 
-    # 4. Sample every setting; the teacher's DDIM reference images first.
-    settings = [(r, g, s) for g in args.guidance for r in runners for s in args.steps]
+    # 4. Sample every setting; the teacher's DDIM reference images first. The teacher samples at
+    #    --teacher_guidance when it is given, and every student row is then compared with that reference.
+    teacher_scales = args.guidance if args.teacher_guidance is None else [args.teacher_guidance]
+
+    def scales_of(runner) -> list[float]:
+        return teacher_scales if runner.name == "teacher" else args.guidance
+
+    settings = [
+        (r, g, s) for g in dict.fromkeys([*args.guidance, *teacher_scales]) for r in runners if g in scales_of(r)
+        for s in args.steps
+    ]  # fmt: skip
     has_ddim_teacher = teacher is not None and "ddim" in args.teacher_samplers
     ref_runner = next((r for r in runners if r.name == "teacher" and r.sampler == "ddim"), None)
     total = len(prompts) * (
-        len(settings) + (len(args.guidance) if has_ddim_teacher and reference_steps not in args.steps else 0)
+        len(settings) + (len(teacher_scales) if has_ddim_teacher and reference_steps not in args.steps else 0)
     )
     bar = tqdm(total=total, unit="img", desc="sampling", disable=args.no_progress, file=sys.stderr)
     references: dict[float, torch.Tensor] = {}
     if ref_runner is not None:
-        for g in args.guidance:
+        for g in teacher_scales:
             if reference_steps not in args.steps:
                 references[g], _ = sample_all(
                     ref_runner, prompts, noise, reference_steps, g, args.batch_size, bar.update
@@ -266,17 +286,18 @@ def main(args: argparse.Namespace) -> dict:
                 row["inception_fid"] = inception_fid(real, images, args.fid_feature)
         row["_images"] = images
         results.append(row)
-        if g == args.guidance[0]:
+        if g == scales_of(runner)[0]:
             grid_rows.append((f"{runner.label} {steps} steps g={g:g}", images[: args.grid_columns]))
     bar.close()
 
-    # 5. Comparisons with the teacher's reference images (same guidance).
+    # 5. Comparisons with the teacher's reference images (same guidance, or --teacher_guidance's).
     for row in results:
         images = row.pop("_images")
-        ref = references.get(row["guidance"])
+        ref_guidance = row["guidance"] if args.teacher_guidance is None else args.teacher_guidance
+        ref = references.get(ref_guidance)
         if ref is None:
             continue
-        row["reference"] = f"teacher ddim {reference_steps} steps"
+        row["reference"] = f"teacher ddim {reference_steps} steps g={ref_guidance:g}"
         if row["model"] == "teacher" and row["sampler"] == "ddim" and row["steps"] == reference_steps:
             row["is_reference"] = True  # compared with itself: no agreement or FID to report
             continue
@@ -319,8 +340,9 @@ def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, student
         pipes.append(("student", "euler", next(r.pipe for r in runners if r.name == "student")))
     n = min(args.straightness_prompts, len(prompts))
     rows = []
+    teacher_scales = args.guidance if args.teacher_guidance is None else [args.teacher_guidance]
     for name, sampler, pipe in pipes:
-        for g in args.guidance:
+        for g in teacher_scales if name == "teacher" else args.guidance:
             summary = straightness_summary(pipe, noise[:n], args.straightness_steps, g, prompts[:n], args.batch_size)
             rows.append({
                 "model": name, "sampler": sampler, "guidance": g, "steps": args.straightness_steps, "prompts": n,

@@ -579,7 +579,9 @@ def main(args: argparse.Namespace) -> Path:
         logger.info(f"Saved the FlowLunePipeline to {result.pipeline_dir}")
         if args.eval_prompts:
             with times.phase("evaluation"):
-                final_evaluation(args, result.pipeline_dir, output_dir)
+                # a student reflowed on guided pairs samples at cfg 1: its reference is the teacher at the pairs'
+                teacher_guidance = pair_guidance if pair_guidance is not None and pair_guidance > 1 else None
+                final_evaluation(args, result.pipeline_dir, output_dir, teacher_guidance)
         timings = times.as_dict()
         atomic_text(output_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
         logger.info("Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -591,9 +593,12 @@ def main(args: argparse.Namespace) -> Path:
     return output_dir / PIPELINE_DIRNAME
 
 
-def final_evaluation(args: argparse.Namespace, pipeline_dir: Path, output_dir: Path) -> dict:
+def final_evaluation(
+    args: argparse.Namespace, pipeline_dir: Path, output_dir: Path, teacher_guidance: float | None = None
+) -> dict:
     """The toy evaluation after training, through ``evaluate.py`` (beside this script): teacher DDIM and student
-    Euler at ``--eval_steps`` and the validation guidance, on ``--eval_prompts`` held-out toy prompts. Writes
+    Euler at ``--eval_steps`` and the validation guidance (the teacher at ``teacher_guidance`` when given: a student
+    reflowed on guided pairs), on ``--eval_prompts`` held-out toy prompts. Writes
     ``eval/eval.json``, ``grid.png``, ``chart.png`` and ``summary.md`` (the table, also printed); returns the report.
     """
     import importlib.util
@@ -616,15 +621,18 @@ def final_evaluation(args: argparse.Namespace, pipeline_dir: Path, output_dir: P
         "--steps", *map(str, args.eval_steps), "--guidance", str(guidance), "--num_prompts", str(args.eval_prompts),
         "--heldout_images", str(min(480, max(2 * args.eval_prompts, 96))), "--seed", str(args.seed),
     ]  # fmt: skip
+    if teacher_guidance is not None:
+        argv += ["--teacher_guidance", str(teacher_guidance)]
     logger.info(f"Evaluating: python evaluate.py {' '.join(argv)}")
     start = time.perf_counter()
     report = evaluate.main(evaluate.parse_args(argv))
     seconds = time.perf_counter() - start
     reference = report["reference"]
-    table = summary_table(report["settings"], guidance)
+    table = summary_table(report["settings"], guidance, teacher_guidance)
+    scales = f"guidance {guidance:g}" + ("" if teacher_guidance is None else f" (teacher {teacher_guidance:g})")
     text = (
         f"# Evaluation of {pipeline_dir}\n\n"
-        f"{args.eval_prompts} held-out toy prompts, guidance {guidance:g}, seed {args.seed}; the reference is the "
+        f"{args.eval_prompts} held-out toy prompts, {scales}, seed {args.seed}; the reference is the "
         f"teacher's DDIM {report['reference_steps']} steps (same noise per prompt). Accuracy: the judge finds every "
         "attribute of the prompt. Toy FID: Frechet distance on the judge's features, against held-out real images "
         "and against the teacher's reference samples.\n\n"
@@ -634,7 +642,7 @@ def final_evaluation(args: argparse.Namespace, pipeline_dir: Path, output_dir: P
         f"Evaluated in {seconds:.0f} s. Recompute with `python evaluate.py {' '.join(argv)}`.\n"
     )
     atomic_text(eval_dir / "summary.md", text)
-    print(f"\nEvaluation (eval/summary.md), guidance {guidance:g}:\n{table}", flush=True)
+    print(f"\nEvaluation (eval/summary.md), {scales}:\n{table}", flush=True)
     return report
 
 

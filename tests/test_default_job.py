@@ -179,6 +179,37 @@ def test_short_toy_run_logs_the_judge_and_writes_the_eval_table(tmp_path):
     assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_short_toy_reflow_run_is_evaluated_against_the_teacher_at_the_pairs_guidance(tmp_path):
+    """A student reflowed on pairs guided at 2 samples at cfg 1; its reference is the teacher at 2, not at 1."""
+    import torch
+
+    generate = load_script("generate_reflow_pairs.py")
+    threads = torch.get_num_threads()
+    try:
+        generate.main(generate.parse_args([
+            "--model", "toy", "--prompts", "toy", "--num_pairs", "4", "--steps", "2", "--guidance", "2",
+            "--output_dir", str(tmp_path / "pairs"), "--threads", "1",
+        ]))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "out"
+    args = train_flow_distill.parse_args([
+        "--output_dir", str(out), "--objective", "reflow", "--reflow_data", str(tmp_path / "pairs"),
+        "--max_train_steps", "1", "--train_batch_size", "2", "--validation_guidance_scale", "1",
+        "--validation_prompts", *TOY_VALIDATION_PROMPTS[:1], "--num_validation_inference_steps", "1",
+        "--judge_prompts", "0", "--eval_prompts", "2", "--eval_steps", "1", "--report_to", "none", "--no_single_file",
+    ])  # fmt: skip
+    assert train_flow_distill.main(args) == out / "pipeline"
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    scales = {(s["model"], s["guidance"]) for s in report["settings"]}
+    assert scales == {("teacher", 2.0), ("student", 1.0)}
+    student = next(s for s in report["settings"] if s["model"] == "student")
+    assert student["reference"] == "teacher ddim 1 steps g=2" and "same_noise_psnr" in student
+    summary = (out / "eval" / "summary.md").read_text()
+    assert "guidance 1 (teacher 2)" in summary and "| teacher | ddim | 1 |" in summary
+
+
 class _OneProcess:
     """Stands in for the Accelerator in ``materialize_toy_data``: the main process, no one to wait for."""
 

@@ -217,6 +217,44 @@ def test_evaluate_tiny_random_teacher_and_student_judge_near_chance(tiny_teacher
         assert grid.size[1] == 4 * (128 + 3 * 13 + 6)  # 2 samplers x 2 step counts, prompts under the tiles
 
 
+def test_teacher_guidance_samples_the_teacher_there_and_is_every_student_row_reference(
+    tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """--guidance 1 --teacher_guidance 3: the teacher's rows are those of a plain run at 3, the student's are those of
+    a plain run at 1 except for the comparisons, which use the teacher's reference at 3 (recomputed here)."""
+    common = ["--teacher", str(tiny_teacher_dir), "--student", str(tiny_student_dir), "--steps", "2",
+              "--num_prompts", "4", "--heldout_images", "8"]  # fmt: skip
+    mixed = run_main([*common, "--guidance", "1", "--teacher_guidance", "3", "--output_dir", str(tmp_path / "m")])
+    plain = run_main([*common, "--guidance", "1", "3", "--output_dir", str(tmp_path / "p")])
+
+    def rows(report):
+        return {(s["model"], s["guidance"]): s for s in report["settings"]}
+
+    def measured(row):
+        return {k: v for k, v in row.items() if k != "images_per_second"}
+
+    m, p = rows(mixed), rows(plain)
+    assert set(m) == {("teacher", 3.0), ("student", 1.0)}
+    assert measured(m["teacher", 3.0]) == measured(p["teacher", 3.0])
+    same = ("accuracy", "toy_fid_real", "shift")
+    assert {k: m["student", 1.0][k] for k in same} == {k: p["student", 1.0][k] for k in same}
+    assert m["student", 1.0]["reference"] == "teacher ddim 2 steps g=3"
+    assert p["student", 1.0]["reference"] == "teacher ddim 2 steps g=1"
+    # the same comparison by hand: the student at cfg 1 against the teacher's DDIM at cfg 3, same noise
+    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner, same_noise_agreement, sample_all
+
+    teacher = make_runner("teacher", load_pipeline(str(tiny_teacher_dir)), "ddim")
+    student = make_runner("student", load_pipeline(str(tiny_student_dir)), "euler")
+    size = teacher.pipe.unet.config.sample_size
+    noise = fixed_noise(4, (teacher.pipe.unet.config.in_channels, size, size), 0)
+    ref, _ = sample_all(teacher, mixed["prompts"], noise, 2, 3.0, 4, lambda n: None)
+    images, _ = sample_all(student, mixed["prompts"], noise, 2, 1.0, 4, lambda n: None)
+    expected = same_noise_agreement(images, ref, mixed["prompts"])
+    got, other = m["student", 1.0]["same_noise_psnr"], p["student", 1.0]["same_noise_psnr"]
+    assert got == pytest.approx(expected["same_noise_psnr"], rel=1e-6)
+    assert abs(got - other) > 1e-4 * abs(other)  # the reference at g=1 is another one (random weights: close)
+
+
 def test_evaluate_toy_teacher_draws_the_prompts(tmp_path):
     report = run_main(
         [
@@ -272,6 +310,7 @@ def test_evaluate_real_mode_offline(tiny_teacher_dir, tiny_clip_dir, tmp_path):
         (["--student", "/nonexistent/x"], "no such file or folder"),
         (["--teacher", "none"], "nothing to evaluate"),
         (["--guidance", "0.5"], "--guidance scales must be >= 1"),
+        (["--teacher_guidance", "0.5"], "--teacher_guidance must be >= 1"),
         (["--reference_images", "."], "real-model mode"),
     ],
 )

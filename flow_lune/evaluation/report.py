@@ -95,11 +95,16 @@ SUMMARY_COLUMNS = (  # (eval.json key, header)
 )
 
 
-def summary_table(settings: Sequence[dict], guidance: float) -> str:
-    """A Markdown table of the settings at ``guidance``: the teacher's rows first, then the student's, most steps
+def summary_table(settings: Sequence[dict], guidance: float, teacher_guidance: float | None = None) -> str:
+    """A Markdown table of the settings at ``guidance`` (the teacher's at ``teacher_guidance`` when given, as
+    ``evaluate.py --teacher_guidance`` samples them): the teacher's rows first, then the student's, most steps
     first; accuracy and toy FIDs as ``evaluate.py`` computed them, ``-`` where a metric does not apply."""
+
+    def wanted(s: dict) -> float:
+        return teacher_guidance if s["model"] == "teacher" and teacher_guidance is not None else guidance
+
     rows = sorted(
-        (s for s in settings if s["guidance"] == guidance),
+        (s for s in settings if s["guidance"] == wanted(s)),
         key=lambda s: (s["model"] != "teacher", s["sampler"], -s["steps"]),
     )
     if not rows:
