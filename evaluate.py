@@ -214,11 +214,12 @@ def main(args: argparse.Namespace) -> dict:
     student = load_pipeline(args.student, args.config) if args.student is not None else None
     if student is not None and not is_flow_pipeline(student):
         raise ValueError(f"--student {args.student!r} is an epsilon SD1.5 pipeline; pass it as --teacher.")
+    # the teacher bridge's sampling shift: --shift, else the student's, else 1.0 (also its straightness paths')
+    bridge_shift = (
+        args.shift if args.shift is not None else (student.scheduler.config.shift if student is not None else 1.0)
+    )
     if teacher is not None:
-        shift = (
-            args.shift if args.shift is not None else (student.scheduler.config.shift if student is not None else 1.0)
-        )
-        runners += [make_runner("teacher", teacher, s, shift=shift) for s in args.teacher_samplers]
+        runners += [make_runner("teacher", teacher, s, shift=bridge_shift) for s in args.teacher_samplers]
     if student is not None:
         runners.append(make_runner("student", student, "euler", shift=args.shift))
     unet = runners[0].pipe.unet
@@ -307,7 +308,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 6. Straightness of each model's many-step path (flow coordinates: the teacher through the bridge).
     if args.straightness:
-        report["straightness"] = straightness_rows(args, prompts, noise, teacher, student, runners)
+        report["straightness"] = straightness_rows(args, prompts, noise, teacher, bridge_shift, runners)
 
     # 7. Report.
     report["settings"] = results
@@ -323,21 +324,15 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, student, runners) -> list[dict]:
-    """Mean and spread of ``flow_lune.evaluation.straightness`` per model and guidance; printed too."""
-    from flow_lune import FlowLunePipeline
-    from flow_lune.evaluation import straightness_summary
+def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, bridge_shift: float, runners) -> list[dict]:
+    """Mean and spread of ``flow_lune.evaluation.straightness`` per model and guidance; printed too. The teacher's
+    paths are its bridge's at ``bridge_shift`` (flow states, like the student's), whatever its samplers were."""
+    from flow_lune.evaluation import make_runner, straightness_summary
 
     pipes = []
     if teacher is not None:
-        shift = next((r.pipe.scheduler.config.shift for r in runners if r.sampler == "bridge"), None)
-        if shift is None:
-            shift = args.shift if args.shift is not None else (student.scheduler.config.shift if student else 1.0)
-        bridge = FlowLunePipeline.from_teacher(teacher, shift=shift)
-        bridge.set_progress_bar_config(disable=True)
-        pipes.append(("teacher", "bridge", bridge))
-    if student is not None:
-        pipes.append(("student", "euler", next(r.pipe for r in runners if r.name == "student")))
+        pipes.append(("teacher", "bridge", make_runner("teacher", teacher, "bridge", shift=bridge_shift).pipe))
+    pipes += [("student", "euler", r.pipe) for r in runners if r.name == "student"]
     n = min(args.straightness_prompts, len(prompts))
     rows = []
     teacher_scales = args.guidance if args.teacher_guidance is None else [args.teacher_guidance]
