@@ -245,7 +245,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 4. Sample every setting; the teacher's DDIM reference images first. The teacher samples at
     #    --teacher_guidance when it is given, and every student row is then compared with that reference.
-    teacher_scales = args.guidance if args.teacher_guidance is None else [args.teacher_guidance]
+    teacher_scales = teacher_guidance_scales(args)
 
     def scales_of(runner) -> list[float]:
         return teacher_scales if runner.name == "teacher" else args.guidance
@@ -324,6 +324,11 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
+def teacher_guidance_scales(args: argparse.Namespace) -> list[float]:
+    """The teacher's guidance scales: ``--teacher_guidance`` alone when given, else every ``--guidance``."""
+    return list(args.guidance) if args.teacher_guidance is None else [args.teacher_guidance]
+
+
 def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, bridge_shift: float, runners) -> list[dict]:
     """Mean and spread of ``flow_lune.evaluation.straightness`` per model and guidance; printed too. The teacher's
     paths are its bridge's at ``bridge_shift`` (flow states, like the student's), whatever its samplers were."""
@@ -335,9 +340,8 @@ def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, bridge_
     pipes += [("student", "euler", r.pipe) for r in runners if r.name == "student"]
     n = min(args.straightness_prompts, len(prompts))
     rows = []
-    teacher_scales = args.guidance if args.teacher_guidance is None else [args.teacher_guidance]
     for name, sampler, pipe in pipes:
-        for g in teacher_scales if name == "teacher" else args.guidance:
+        for g in teacher_guidance_scales(args) if name == "teacher" else args.guidance:
             summary = straightness_summary(pipe, noise[:n], args.straightness_steps, g, prompts[:n], args.batch_size)
             rows.append({
                 "model": name, "sampler": sampler, "guidance": g, "steps": args.straightness_steps, "prompts": n,

@@ -225,8 +225,7 @@ def main(args: argparse.Namespace) -> dict:
         generator.main(generator.parse_args([
             "--model", str(source), "--shift", str(scheduler_shift(distilled)), "--prompts", "toy",
             "--num_pairs", str(args.num_pairs), "--steps", str(args.pair_steps), "--guidance", str(args.guidance),
-            "--seed", "0",
-            "--output_dir", str(pairs),
+            "--seed", "0", "--output_dir", str(pairs),
         ]))  # fmt: skip
         write_json(root / "pairs-seconds.json", {"seconds": time.perf_counter() - start})  # this start's share
 
