@@ -579,9 +579,7 @@ def main(args: argparse.Namespace) -> Path:
         logger.info(f"Saved the FlowLunePipeline to {result.pipeline_dir}")
         if args.eval_prompts:
             with times.phase("evaluation"):
-                # a student reflowed on guided pairs samples at cfg 1: its reference is the teacher at the pairs'
-                teacher_guidance = pair_guidance if pair_guidance is not None and pair_guidance > 1 else None
-                final_evaluation(args, result.pipeline_dir, output_dir, teacher_guidance)
+                final_evaluation(args, result.pipeline_dir, output_dir)
         timings = times.as_dict()
         atomic_text(output_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
         logger.info("Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -593,12 +591,10 @@ def main(args: argparse.Namespace) -> Path:
     return output_dir / PIPELINE_DIRNAME
 
 
-def final_evaluation(
-    args: argparse.Namespace, pipeline_dir: Path, output_dir: Path, teacher_guidance: float | None = None
-) -> dict:
+def final_evaluation(args: argparse.Namespace, pipeline_dir: Path, output_dir: Path) -> dict:
     """The toy evaluation after training, through ``evaluate.py`` (beside this script): teacher DDIM and student
-    Euler at ``--eval_steps`` and the validation guidance (the teacher at ``teacher_guidance`` when given: a student
-    reflowed on guided pairs), on ``--eval_prompts`` held-out toy prompts. Writes
+    Euler at ``--eval_steps`` and the validation guidance (a student reflowed on guided pairs: the teacher at the
+    pairs' guidance, ``evaluate.py --teacher_guidance``), on ``--eval_prompts`` held-out toy prompts. Writes
     ``eval/eval.json``, ``grid.png``, ``chart.png`` and ``summary.md`` (the table, also printed); returns the report.
     """
     import importlib.util
@@ -616,6 +612,13 @@ def final_evaluation(
     spec.loader.exec_module(evaluate)
     eval_dir = output_dir / "eval"
     guidance = args.validation_guidance_scale
+    teacher_guidance = None
+    if args.objective == "reflow":  # both callers (after training, and a rerun of a finished run) get it from here
+        from flow_lune.training.cli import guided_pairs
+        from flow_lune.training.reflow_pairs import pairs_guidance
+
+        pair_guidance = pairs_guidance(args.reflow_data)
+        teacher_guidance = pair_guidance if guided_pairs(pair_guidance) else None
     argv = [
         "--student", str(pipeline_dir), "--teacher", str(teacher_path()), "--output_dir", str(eval_dir),
         "--steps", *map(str, args.eval_steps), "--guidance", str(guidance), "--num_prompts", str(args.eval_prompts),

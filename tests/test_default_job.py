@@ -209,6 +209,15 @@ def test_short_toy_reflow_run_is_evaluated_against_the_teacher_at_the_pairs_guid
     summary = (out / "eval" / "summary.md").read_text()
     assert "guidance 1 (teacher 2)" in summary and "| teacher | ddim | 1 |" in summary
 
+    # An evaluation that did not finish is rerun by the same command, with the same reference.
+    import shutil
+
+    shutil.rmtree(out / "eval")
+    assert train_flow_distill.main(args) == out / "pipeline"
+    again = json.loads((out / "eval" / "eval.json").read_text())
+    assert {(s["model"], s["guidance"]) for s in again["settings"]} == scales
+    assert "guidance 1 (teacher 2)" in (out / "eval" / "summary.md").read_text()
+
 
 class _OneProcess:
     """Stands in for the Accelerator in ``materialize_toy_data``: the main process, no one to wait for."""

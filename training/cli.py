@@ -156,6 +156,12 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(kd_weight=None, block_penalty_weight=None, uncond_prob=None)
 
 
+def guided_pairs(pair_guidance: float | None) -> bool:
+    """Whether a reflow pair set was made with guidance > 1: its student learns the guided flow, is trained
+    without prompt dropout, samples at cfg 1 and is measured against the teacher at that guidance (docs/reflow.md)."""
+    return pair_guidance is not None and pair_guidance > 1
+
+
 def objective_defaults(objective: str, pair_guidance: float | None = None) -> dict[str, float]:
     """The defaults of ``--kd_weight``, ``--block_penalty_weight`` and ``--uncond_prob`` for an objective."""
     from .objective import ObjectiveConfig
@@ -166,8 +172,8 @@ def objective_defaults(objective: str, pair_guidance: float | None = None) -> di
             "block_penalty_weight": ObjectiveConfig.block_penalty_weight,
             "uncond_prob": UNCOND_PROB,
         }
-    guided = pair_guidance is not None and pair_guidance > 1
-    return {"kd_weight": 0.0, "block_penalty_weight": 0.0, "uncond_prob": 0.0 if guided else UNCOND_PROB}
+    uncond_prob = 0.0 if guided_pairs(pair_guidance) else UNCOND_PROB
+    return {"kd_weight": 0.0, "block_penalty_weight": 0.0, "uncond_prob": uncond_prob}
 
 
 def resolve_objective_defaults(args: argparse.Namespace) -> None:

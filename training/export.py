@@ -20,6 +20,7 @@ from flow_lune.atomic import atomic_folder, atomic_text
 from flow_lune.settings import SAMPLING, SamplingRecommendation, recipe_for
 
 from .checkpoints import check_finite_parameters
+from .cli import guided_pairs
 from .run_state import (
     COMPLETE_NAME,
     PIPELINE_DIRNAME,
@@ -172,7 +173,7 @@ def recommended_sampling(
     base = recipe.sampling
     if objective != "reflow":
         return base
-    guided = pair_guidance is not None and pair_guidance > 1
+    guided = guided_pairs(pair_guidance)
     cfg = 1.0 if guided else base.guidance_scale
     basis = (
         f"reflow on pairs made at guidance {pair_guidance:g}, so the guidance is in the flow: cfg 1"
