@@ -182,17 +182,11 @@ def test_short_toy_run_logs_the_judge_and_writes_the_eval_table(tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_short_toy_reflow_run_is_evaluated_against_the_teacher_at_the_pairs_guidance(tmp_path):
     """A student reflowed on pairs guided at 2 samples at cfg 1; its reference is the teacher at 2, not at 1."""
-    import torch
-
-    generate = load_script("generate_reflow_pairs.py")
-    threads = torch.get_num_threads()
-    try:
-        generate.main(generate.parse_args([
-            "--model", "toy", "--prompts", "toy", "--num_pairs", "4", "--steps", "2", "--guidance", "2",
-            "--output_dir", str(tmp_path / "pairs"), "--threads", "1",
-        ]))  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    generate = load_script("generate_reflow_pairs.py")  # its --threads 1 is undone by the one_thread fixture
+    generate.main(generate.parse_args([
+        "--model", "toy", "--prompts", "toy", "--num_pairs", "4", "--steps", "2", "--guidance", "2",
+        "--output_dir", str(tmp_path / "pairs"), "--threads", "1",
+    ]))  # fmt: skip
     out = tmp_path / "out"
     args = train_flow_distill.parse_args([
         "--output_dir", str(out), "--objective", "reflow", "--reflow_data", str(tmp_path / "pairs"),
