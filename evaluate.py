@@ -254,19 +254,13 @@ def main(args: argparse.Namespace) -> dict:
         (r, g, s) for g in dict.fromkeys([*args.guidance, *teacher_scales]) for r in runners if g in scales_of(r)
         for s in args.steps
     ]  # fmt: skip
-    has_ddim_teacher = teacher is not None and "ddim" in args.teacher_samplers
     ref_runner = next((r for r in runners if r.name == "teacher" and r.sampler == "ddim"), None)
-    total = len(prompts) * (
-        len(settings) + (len(teacher_scales) if has_ddim_teacher and reference_steps not in args.steps else 0)
+    if ref_runner is not None and reference_steps not in args.steps:  # the reference is a row too, scored alike
+        settings = [(ref_runner, g, reference_steps) for g in teacher_scales] + settings
+    bar = tqdm(
+        total=len(prompts) * len(settings), unit="img", desc="sampling", disable=args.no_progress, file=sys.stderr
     )
-    bar = tqdm(total=total, unit="img", desc="sampling", disable=args.no_progress, file=sys.stderr)
     references: dict[float, torch.Tensor] = {}
-    if ref_runner is not None:
-        for g in teacher_scales:
-            if reference_steps not in args.steps:
-                references[g], _ = sample_all(
-                    ref_runner, prompts, noise, reference_steps, g, args.batch_size, bar.update
-                )
     results, grid_rows = [], []
     for runner, g, steps in settings:
         bar.set_postfix_str(f"{runner.label} {steps} steps g={g:g}")

@@ -255,6 +255,24 @@ def test_teacher_guidance_samples_the_teacher_there_and_is_every_student_row_ref
     assert abs(got - other) > 1e-4 * abs(other)  # the reference at g=1 is another one (random weights: close)
 
 
+def test_reference_steps_outside_steps_is_a_scored_row(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    """--steps 1 --reference_steps 2: the teacher's 2-step reference gets its own row, scored like the others (the
+    toy FID a student's is compared with), and is the same row a run with --steps 1 2 gives."""
+    common = ["--teacher", str(tiny_teacher_dir), "--student", str(tiny_student_dir), "--guidance", "3",
+              "--num_prompts", "4", "--heldout_images", "8"]  # fmt: skip
+    report = run_main([*common, "--steps", "1", "--reference_steps", "2", "--output_dir", str(tmp_path / "r")])
+    both = run_main([*common, "--steps", "1", "2", "--output_dir", str(tmp_path / "b")])
+    rows = {(s["model"], s["steps"]): s for s in report["settings"]}
+    assert set(rows) == {("teacher", 2), ("teacher", 1), ("student", 1)}
+    ref = rows["teacher", 2]
+    assert ref["is_reference"] and "toy_fid_real" in ref and "accuracy" in ref
+    assert rows["student", 1]["reference"] == "teacher ddim 2 steps g=3"
+    same = next(s for s in both["settings"] if (s["model"], s["steps"]) == ("teacher", 2))
+    assert {k: v for k, v in ref.items() if k != "images_per_second"} == {
+        k: v for k, v in same.items() if k != "images_per_second"
+    }
+
+
 def test_evaluate_toy_teacher_draws_the_prompts(tmp_path):
     report = run_main(
         [
