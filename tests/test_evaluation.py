@@ -165,6 +165,11 @@ def run_main(argv):
     return evaluate_script.main(evaluate_script.parse_args([*argv, "--no_progress"]))
 
 
+def measured(row: dict) -> dict:
+    """A report row without its timing, which differs between any two runs."""
+    return {k: v for k, v in row.items() if k != "images_per_second"}
+
+
 def test_evaluate_tiny_random_teacher_and_student_judge_near_chance(tiny_teacher_dir, tiny_student_dir, tmp_path):
     """End to end on random weights: files written, and the judge reads about chance (the metric can fail)."""
     out = tmp_path / "eval"
@@ -230,9 +235,6 @@ def test_teacher_guidance_samples_the_teacher_there_and_is_every_student_row_ref
     def rows(report):
         return {(s["model"], s["guidance"]): s for s in report["settings"]}
 
-    def measured(row):
-        return {k: v for k, v in row.items() if k != "images_per_second"}
-
     m, p = rows(mixed), rows(plain)
     assert set(m) == {("teacher", 3.0), ("student", 1.0)}
     assert measured(m["teacher", 3.0]) == measured(p["teacher", 3.0])
@@ -268,9 +270,7 @@ def test_reference_steps_outside_steps_is_a_scored_row(tiny_teacher_dir, tiny_st
     assert ref["is_reference"] and "toy_fid_real" in ref and "accuracy" in ref
     assert rows["student", 1]["reference"] == "teacher ddim 2 steps g=3"
     same = next(s for s in both["settings"] if (s["model"], s["steps"]) == ("teacher", 2))
-    assert {k: v for k, v in ref.items() if k != "images_per_second"} == {
-        k: v for k, v in same.items() if k != "images_per_second"
-    }
+    assert measured(ref) == measured(same)
 
 
 def test_evaluate_toy_teacher_draws_the_prompts(tmp_path):
