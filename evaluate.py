@@ -7,8 +7,10 @@ Toy world (the default prompts, the shipped toy teacher and judge):
 
 writes ``eval.json`` (per setting: the judge's accuracy overall and per attribute, toy FID against held-out
 real images and against the teacher's DDIM samples, same-noise agreement with the teacher, images per
-second), ``grid.png`` (each prompt under its tile) and ``chart.png`` (quality against steps, teacher and
-student on one chart); with ``--straightness``, each model's path straightness per guidance (docs/reflow.md).
+second; each toy FID against real images with its jackknife standard error, and each row's toy FID above the
+teacher's reference with its error), ``grid.png`` (each prompt under its tile) and ``chart.png`` (quality
+against steps, teacher and student on one chart); with ``--straightness``, each model's path straightness per
+guidance (docs/reflow.md).
 ``--teacher_guidance G`` samples the teacher (its rows and the reference) at G only, and compares every student row
 with that reference: for a reflowed student trained on pairs guided at G, which samples at ``--guidance 1``.
 With ``--prompts_file`` (real SD1.5 models) it computes torchmetrics' CLIP score and,
@@ -29,6 +31,7 @@ DEFAULT_GUIDANCE = [2.0, 3.0]  # the toy teacher reaches its best accuracy/FID t
 DEFAULT_NUM_PROMPTS = 96  # the first 96 held-out captions: each of the 48 combinations twice
 DEFAULT_HELDOUT = 480  # held-out real images for the toy FID reference (10 per combination)
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIP score model
+FID_GROUPS = 10  # jackknife groups of the toy FID (fewer when there are fewer than 20 prompts)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,9 +176,11 @@ def main(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from flow_lune.evaluation import (
+        GroupedFID,
         clip_score,
         fixed_noise,
         inception_fid,
+        jackknife_se,
         judge_accuracy,
         load_pipeline,
         make_runner,
@@ -232,11 +237,14 @@ def main(args: argparse.Namespace) -> dict:
     report: dict = {"prompts": prompts, "seed": args.seed, "mode": "toy" if toy else "real", "reference": {}}
     if toy:
         from flow_lune.toy import judge_path, toy_arrays
-        from flow_lune.toy.judge import load_judge
+        from flow_lune.toy.judge import JudgeFeatures, load_judge
 
         judge = load_judge(judge_path() if args.judge == "toy" else args.judge)
         heldout = toy_arrays("heldout", args.heldout_images, seed=0)
         real = heldout.images.float() / 255.0
+        groups = max(1, min(FID_GROUPS, len(prompts) // 2, len(real) // 2))
+        fid = GroupedFID(JudgeFeatures(judge), real, groups)
+        report["reference"]["toy_fid_groups"] = groups
         train_real = toy_arrays("train", args.heldout_images, seed=0).images.float() / 255.0
         report["reference"]["toy_fid_heldout_vs_train"] = toy_fid(judge, real, train_real)
         report["reference"]["judge_accuracy_heldout"] = judge_accuracy(judge, real, heldout.captions)
@@ -261,6 +269,7 @@ def main(args: argparse.Namespace) -> dict:
         total=len(prompts) * len(settings), unit="img", desc="sampling", disable=args.no_progress, file=sys.stderr
     )
     references: dict[float, torch.Tensor] = {}
+    reference_fids: dict[float, tuple] = {}  # the reference's GroupedFID scores, per guidance
     results, grid_rows = [], []
     for runner, g, steps in settings:
         bar.set_postfix_str(f"{runner.label} {steps} steps g={g:g}")
@@ -273,7 +282,12 @@ def main(args: argparse.Namespace) -> dict:
         if toy:
             acc = judge_accuracy(judge, images, prompts)
             row.update({"accuracy": acc["all"], "accuracy_per_attribute": {k: v for k, v in acc.items() if k != "all"}})
-            row["toy_fid_real"] = toy_fid(judge, real, images)
+            row["_fid"] = fid.score(fid.states(images))
+            row["toy_fid_real"] = row["_fid"][0]
+            if groups > 1:
+                row["toy_fid_real_se"] = jackknife_se(row["_fid"][1])
+            if runner is ref_runner and steps == reference_steps:
+                reference_fids[g] = row["_fid"]
         else:
             if args.clip_model != "none":
                 row["clip_score"] = clip_score(images, prompts, args.clip_model)
@@ -287,7 +301,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 5. Comparisons with the teacher's reference images (same guidance, or --teacher_guidance's).
     for row in results:
-        images = row.pop("_images")
+        images, scores = row.pop("_images"), row.pop("_fid", None)
         ref_guidance = row["guidance"] if args.teacher_guidance is None else args.teacher_guidance
         ref = references.get(ref_guidance)
         if ref is None:
@@ -299,6 +313,10 @@ def main(args: argparse.Namespace) -> dict:
         row.update(same_noise_agreement(images, ref, prompts))
         if toy:
             row["toy_fid_teacher"] = toy_fid(judge, ref, images)
+            above, se = GroupedFID.ratio(scores, reference_fids[ref_guidance])
+            row["toy_fid_real_vs_reference"] = above
+            if se is not None:
+                row["toy_fid_real_vs_reference_se"] = se
 
     # 6. Straightness of each model's many-step path (flow coordinates: the teacher through the bridge).
     if args.straightness:
@@ -347,11 +365,19 @@ def straightness_rows(args: argparse.Namespace, prompts, noise, teacher, bridge_
 
 
 def print_table(results: list[dict], toy: bool) -> None:
-    cols = ["accuracy", "toy_fid_real", "toy_fid_teacher"] if toy else ["clip_score", "inception_fid"]
+    """One line per setting; in the toy world the toy FID's standard error and the row's toy FID above the
+    reference (``+- se``) too."""
+    from flow_lune.evaluation.report import above_reference
+
+    toy_cols = ["accuracy", "toy_fid_real", "toy_fid_real_se", "toy_fid_teacher"]
+    cols = toy_cols if toy else ["clip_score", "inception_fid"]
     cols += ["same_noise_psnr", "different_noise_psnr", "images_per_second"]
-    print(f"{'model':<18}{'steps':>6}{'g':>6}" + "".join(f"{c:>22}" for c in cols))
+    header = f"{'model':<18}{'steps':>6}{'g':>6}" + "".join(f"{c:>22}" for c in cols)
+    print(header + (f"{'toy_fid_vs_reference':>22}" if toy else ""))
     for r in results:
         cells = "".join(f"{r[c]:>22.4f}" if r.get(c) is not None else f"{'-':>22}" for c in cols)
+        if toy:
+            cells += f"{above_reference(r):>22}"
         print(f"{r['model'] + ' ' + r['sampler']:<18}{r['steps']:>6}{r['guidance']:>6g}" + cells)
 
 

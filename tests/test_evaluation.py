@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 from flow_lune.evaluation import (
+    GroupedFID,
     attribute_accuracy,
     clip_score,
     inception_fid,
+    jackknife_se,
     other_noise_partner,
     psnr,
     same_noise_agreement,
@@ -22,7 +24,7 @@ from flow_lune.evaluation import (
 )
 from flow_lune.tiny import save_tiny_sd_pipeline, tiny_sd_components
 from flow_lune.toy import ATTRIBUTES, judge_path, toy_arrays
-from flow_lune.toy.judge import load_judge
+from flow_lune.toy.judge import JudgeFeatures, load_judge
 
 ROOT = Path(__file__).resolve().parents[1]
 # Loaded from its path: a bare `import evaluate` could find Hugging Face's `evaluate` package instead.
@@ -91,6 +93,73 @@ def test_toy_fid_matches_an_independent_frechet_distance(judge):
     got = toy_fid(judge, real, fake)
     assert got == pytest.approx(expected, rel=2e-3)
     assert toy_fid(judge, real, real) < 1e-3 * got
+
+
+def test_jackknife_se_of_a_mean_is_the_standard_error_of_the_group_means():
+    """For the mean, leaving group k out gives t_k - mean t = -(g_k - mean g) / (K - 1), so the jackknife error is
+    exactly ``std(g) / sqrt(K)`` over the K group means g: the textbook standard error of a mean of K values."""
+    x = torch.randn(60, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 + 1
+    groups = x.view(6, 10)
+    left_out = [torch.cat([groups[:k], groups[k + 1 :]]).mean().item() for k in range(6)]
+    expected = (groups.mean(1).std() / 6**0.5).item()
+    assert jackknife_se(left_out) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        jackknife_se([1.0])
+
+
+def test_grouped_fid_is_toy_fid_on_the_groups_kept(judge):
+    """Over all groups, and with group k of both sides left out, GroupedFID gives toy_fid on exactly those images
+    (merged torchmetrics states against images fed once); its ratio is d / d_ref - 1 with the same groups left out."""
+    real = toy_arrays("heldout", 40).images.float() / 255.0
+    noise = torch.randn((40, 3, 64, 64), generator=torch.Generator().manual_seed(1))
+    fake_a = (toy_arrays("train", 40).images.float() / 255.0 + 0.1 * noise).clamp(0, 1)
+    fake_b = (fake_a + 0.1 * noise).clamp(0, 1)
+    grouped = GroupedFID(JudgeFeatures(judge), real, groups=4)
+    a, b = grouped.score(grouped.states(fake_a)), grouped.score(grouped.states(fake_b))
+    assert a[0] == pytest.approx(toy_fid(judge, real, fake_a), rel=1e-6)  # float32 features, other batches
+
+    def kept(x, k):
+        return torch.cat([c for j, c in enumerate(torch.tensor_split(x, 4)) if j != k])
+
+    expected = [toy_fid(judge, kept(real, k), kept(fake_a, k)) for k in range(4)]
+    assert a[1] == pytest.approx(expected, rel=1e-6)
+    above, se = GroupedFID.ratio(b, a)
+    assert above == pytest.approx(b[0] / a[0] - 1, rel=1e-12)
+    assert se == pytest.approx(jackknife_se([x / y - 1 for x, y in zip(b[1], a[1])]), rel=1e-12) and se > 0
+    single = GroupedFID(JudgeFeatures(judge), real, groups=1)
+    one = single.score(single.states(fake_a))
+    assert one == (pytest.approx(a[0], rel=1e-6), []) and GroupedFID.ratio(one, one) == (0.0, None)
+
+
+def test_grouped_fid_jackknife_error_matches_the_spread_over_independent_draws():
+    """The jackknife error of a Frechet distance, and of the paired ratio of two, against a Monte Carlo reference:
+    the standard deviation of the statistic over 150 independent draws of Gaussian features (identity features)."""
+
+    class Identity(torch.nn.Module):
+        num_features = 3
+
+        def forward(self, x):
+            return x.double()
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 0.8, 1.3])
+    fids, fid_se, ratios, ratio_se = [], [], [], []
+    for _ in range(150):
+        real = torch.randn(100, 3, generator=gen)
+        z = torch.randn(100, 3, generator=gen)  # the shared noise of two paired "models"
+        a = z * scale + 0.3
+        b = 0.9 * z * scale + 0.35 + 0.3 * torch.randn(100, 3, generator=gen)
+        grouped = GroupedFID(Identity(), real, groups=10)
+        sa, sb = grouped.score(grouped.states(a)), grouped.score(grouped.states(b))
+        fids.append(sa[0])
+        fid_se.append(jackknife_se(sa[1]))
+        above, se = GroupedFID.ratio(sb, sa)
+        ratios.append(above)
+        ratio_se.append(se)
+    for values, errors in ((fids, fid_se), (ratios, ratio_se)):
+        spread = torch.tensor(values).std().item()
+        rms_error = torch.tensor(errors).pow(2).mean().sqrt().item()
+        assert 0.8 < rms_error / spread < 1.35, (rms_error, spread)
 
 
 # --- real-model metrics, offline on tiny components ----------------------------------------------------------
@@ -268,7 +337,11 @@ def test_reference_steps_outside_steps_is_a_scored_row(tiny_teacher_dir, tiny_st
     assert set(rows) == {("teacher", 2), ("teacher", 1), ("student", 1)}
     ref = rows["teacher", 2]
     assert ref["is_reference"] and "toy_fid_real" in ref and "accuracy" in ref
+    assert "toy_fid_real_vs_reference" not in ref and report["reference"]["toy_fid_groups"] == 2
     assert rows["student", 1]["reference"] == "teacher ddim 2 steps g=3"
+    for row in (rows["teacher", 1], rows["student", 1]):  # every other row: its toy FID above the reference's
+        assert row["toy_fid_real_vs_reference"] == pytest.approx(row["toy_fid_real"] / ref["toy_fid_real"] - 1)
+        assert row["toy_fid_real_vs_reference_se"] > 0 and row["toy_fid_real_se"] > 0
     same = next(s for s in both["settings"] if (s["model"], s["steps"]) == ("teacher", 2))
     assert measured(ref) == measured(same)
 

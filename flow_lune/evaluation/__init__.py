@@ -4,7 +4,9 @@ and the report writers.
 ``evaluate.py`` at the repository root is the command."""
 
 from .metrics import (
+    GroupedFID,
     attribute_accuracy,
+    jackknife_se,
     judge_accuracy,
     other_noise_partner,
     prompt_labels,
@@ -26,6 +28,7 @@ from .straightness import (
 
 __all__ = [
     "SAMPLERS",
+    "GroupedFID",
     "Runner",
     "Trajectory",
     "TrajectoryRecorder",
@@ -35,6 +38,7 @@ __all__ = [
     "ddim_scheduler",
     "fixed_noise",
     "inception_fid",
+    "jackknife_se",
     "judge_accuracy",
     "load_pipeline",
     "make_runner",

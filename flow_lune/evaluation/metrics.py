@@ -35,6 +35,11 @@ def judge_accuracy(judge: ToyJudge, images: torch.Tensor, prompts: Sequence[str]
     return attribute_accuracy(judge.predict(images), prompt_labels(prompts))
 
 
+def _check_images(name: str, x: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[0] < 2:
+        raise ValueError(f"{name} images must be (B >= 2, 3, H, W), got {tuple(x.shape)}.")
+
+
 def toy_fid(judge: ToyJudge, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between the judge's penultimate features of ``real`` and ``fake`` (torchmetrics).
 
@@ -42,13 +47,83 @@ def toy_fid(judge: ToyJudge, real: torch.Tensor, fake: torch.Tensor) -> float:
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    for name, x in (("real", real), ("fake", fake)):
-        if x.ndim != 4 or x.shape[0] < 2:
-            raise ValueError(f"{name} images must be (B >= 2, 3, H, W), got {tuple(x.shape)}.")
+    _check_images("real", real)
+    _check_images("fake", fake)
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True)
-    fid.update(real.float().clamp(0, 1), real=True)
-    fid.update(fake.float().clamp(0, 1), real=False)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
     return float(fid.compute())
+
+
+def jackknife_se(leave_one_out: Sequence[float]) -> float:
+    """Delete-a-group jackknife standard error of a statistic from its K leave-one-group-out values ``t_k``.
+
+    ``se = sqrt((K - 1) / K * sum_k (t_k - mean_k t_k)^2)`` (Efron and Tibshirani 1993, eq. 11.5, with groups).
+    """
+    k = len(leave_one_out)
+    if k < 2:
+        raise ValueError(f"the jackknife needs at least 2 leave-one-out values, got {k}.")
+    t = torch.tensor(leave_one_out, dtype=torch.float64)
+    return float(((k - 1) / k * ((t - t.mean()) ** 2).sum()).sqrt())
+
+
+class GroupedFID:
+    """Frechet distances of image sets against one real set, each with its delete-a-group jackknife error.
+
+    The real images and every generated set are cut into ``groups`` contiguous groups (``torch.tensor_split``);
+    each group's features are kept as a torchmetrics ``FrechetInceptionDistance`` state (sums of features and of
+    their outer products), so a distance over any union of groups is torchmetrics' own, from merged states.
+    ``score`` gives the distance over all images and the K distances with group ``k`` left out of both sides,
+    which ``jackknife_se`` turns into a standard error. Generated sets sampled from the same noise rows are
+    grouped alike, so ``ratio`` (one set's distance over another's, minus 1) leaves the same rows out of both:
+    its error is that of the paired comparison. ``feature`` is any module torchmetrics accepts (``JudgeFeatures``
+    for the toy FID) and gets the images as they are given.
+    """
+
+    def __init__(self, feature: torch.nn.Module, real: torch.Tensor, groups: int = 10) -> None:
+        if groups < 1 or real.shape[0] < 2 * groups:
+            raise ValueError(f"{groups} groups need at least 2 real images each, got {real.shape[0]} images.")
+        self.feature = feature
+        self.groups = groups
+        self.real = self.states(real, real=True)
+
+    def _metric(self):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        return FrechetInceptionDistance(feature=self.feature, normalize=True)
+
+    def states(self, images: torch.Tensor, real: bool = False) -> list:
+        """One torchmetrics state per group of ``images`` (on the real or the generated side)."""
+        if images.shape[0] < 2 * self.groups:
+            raise ValueError(f"{self.groups} groups need at least 2 images each, got {images.shape[0]} images.")
+        out = []
+        for chunk in torch.tensor_split(images, self.groups):
+            metric = self._metric()
+            metric.update(chunk, real=real)
+            out.append(metric)
+        return out
+
+    def _distance(self, fake: list, leave_out: int | None) -> float:
+        metric = self._metric()
+        for k in range(self.groups):
+            if k != leave_out:
+                metric.merge_state(self.real[k])
+                metric.merge_state(fake[k])
+        metric.orig_dtype = fake[0].orig_dtype  # set by update(), which merge_state does not carry over
+        return float(metric.compute())
+
+    def score(self, fake: list) -> tuple[float, list[float]]:
+        """The distance of generated states ``fake`` (from ``states``) over all groups, and with each group left
+        out (none with a single group)."""
+        left_out = [self._distance(fake, k) for k in range(self.groups)] if self.groups > 1 else []
+        return self._distance(fake, None), left_out
+
+    @staticmethod
+    def ratio(scores: tuple[float, list[float]], reference: tuple[float, list[float]]) -> tuple[float, float | None]:
+        """``d / d_ref - 1`` from two ``score`` results, and its jackknife standard error (``None`` with one group)."""
+        (d, d_k), (r, r_k) = scores, reference
+        se = jackknife_se([a / b - 1 for a, b in zip(d_k, r_k)]) if d_k else None
+        return d / r - 1, se
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

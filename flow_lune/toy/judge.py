@@ -75,8 +75,8 @@ class ToyJudge(nn.Module):
 class JudgeFeatures(nn.Module):
     """The judge's penultimate features, as torchmetrics' ``FrechetInceptionDistance(feature=...)`` expects.
 
-    Takes float images in [0, 1] (use the metric with ``normalize=True``); ``num_features`` tells
-    torchmetrics the width without a dummy forward.
+    Takes uint8 images, or float images in [0, 1] (values outside are clamped; use the metric with
+    ``normalize=True``); ``num_features`` tells torchmetrics the width without a dummy forward.
     """
 
     def __init__(self, judge: ToyJudge):
@@ -85,8 +85,7 @@ class JudgeFeatures(nn.Module):
         self.num_features = judge.config["feature_dim"]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
+        images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
         with torch.no_grad():
             return self.judge.features(images).double()
 
