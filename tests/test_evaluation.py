@@ -337,13 +337,40 @@ def test_reference_steps_outside_steps_is_a_scored_row(tiny_teacher_dir, tiny_st
     assert set(rows) == {("teacher", 2), ("teacher", 1), ("student", 1)}
     ref = rows["teacher", 2]
     assert ref["is_reference"] and "toy_fid_real" in ref and "accuracy" in ref
-    assert "toy_fid_real_vs_reference" not in ref and report["reference"]["toy_fid_groups"] == 2
+    assert "toy_fid_real_vs_reference" not in ref and report["reference"]["toy_fid_groups"] == 1
     assert rows["student", 1]["reference"] == "teacher ddim 2 steps g=3"
     for row in (rows["teacher", 1], rows["student", 1]):  # every other row: its toy FID above the reference's
         assert row["toy_fid_real_vs_reference"] == pytest.approx(row["toy_fid_real"] / ref["toy_fid_real"] - 1)
-        assert row["toy_fid_real_vs_reference_se"] > 0 and row["toy_fid_real_se"] > 0
+        assert "toy_fid_real_vs_reference_se" not in row and "toy_fid_real_se" not in row  # 4 prompts: no error
     same = next(s for s in both["settings"] if (s["model"], s["steps"]) == ("teacher", 2))
     assert measured(ref) == measured(same)
+
+
+def test_jackknife_errors_are_reported_from_enough_prompts(tiny_teacher_dir, tiny_student_dir, tmp_path, monkeypatch):
+    """With left-out sets of enough images (the threshold lowered here: 20 prompts, not 570), every toy FID gets its
+    jackknife error and every row its error above the reference, recomputed here with GroupedFID on the images."""
+    monkeypatch.setattr(evaluate_script, "JACKKNIFE_PER_FEATURE", 0.1)
+    report = run_main(["--teacher", str(tiny_teacher_dir), "--student", str(tiny_student_dir), "--guidance", "3",
+                       "--num_prompts", "20", "--heldout_images", "40", "--steps", "1", "--reference_steps", "2",
+                       "--output_dir", str(tmp_path)])  # fmt: skip
+    assert report["reference"]["toy_fid_groups"] == 10
+    rows = {(s["model"], s["steps"]): s for s in report["settings"]}
+    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner, sample_all
+
+    teacher = make_runner("teacher", load_pipeline(str(tiny_teacher_dir)), "ddim")
+    student = make_runner("student", load_pipeline(str(tiny_student_dir)), "euler")
+    size = teacher.pipe.unet.config.sample_size
+    noise = fixed_noise(20, (teacher.pipe.unet.config.in_channels, size, size), 0)
+    ref, _ = sample_all(teacher, report["prompts"], noise, 2, 3.0, 20, lambda n: None)
+    images, _ = sample_all(student, report["prompts"], noise, 1, 3.0, 20, lambda n: None)
+    grouped = GroupedFID(JudgeFeatures(load_judge(judge_path())), toy_arrays("heldout", 40).images.float() / 255.0)
+    a, b = grouped.score(grouped.states(ref)), grouped.score(grouped.states(images))
+    assert rows["teacher", 2]["toy_fid_real_se"] == pytest.approx(jackknife_se(a[1]), rel=1e-5)
+    assert rows["student", 1]["toy_fid_real_se"] == pytest.approx(jackknife_se(b[1]), rel=1e-5)
+    above, se = GroupedFID.ratio(b, a)
+    assert rows["student", 1]["toy_fid_real_vs_reference"] == pytest.approx(above, rel=1e-5)
+    assert rows["student", 1]["toy_fid_real_vs_reference_se"] == pytest.approx(se, rel=1e-5) and se > 0
+    assert "toy_fid_real_vs_reference_se" in rows["teacher", 1]
 
 
 def test_evaluate_toy_teacher_draws_the_prompts(tmp_path):

@@ -77,7 +77,9 @@ class GroupedFID:
     which ``jackknife_se`` turns into a standard error. Generated sets sampled from the same noise rows are
     grouped alike, so ``ratio`` (one set's distance over another's, minus 1) leaves the same rows out of both:
     its error is that of the paired comparison. ``feature`` is any module torchmetrics accepts (``JudgeFeatures``
-    for the toy FID) and gets the images as they are given.
+    for the toy FID) and gets the images as they are given. The jackknife assumes the distance is smooth in the
+    sample; with left-out sets of not many more images than features it is not (the covariances are near
+    singular), and the error overstates the spread: ``evaluate.py`` reports errors only from 4 features' widths on.
     """
 
     def __init__(self, feature: torch.nn.Module, real: torch.Tensor, groups: int = 10) -> None:
