@@ -14,7 +14,7 @@ from flow_lune.convert.configs import builtin_config
 from flow_lune.convert.metadata import single_file_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("math.md", "formats.md", "comfyui.md", "reflow.md")
+DOCS = ("math.md", "formats.md", "comfyui.md", "reflow.md", "evaluation.md")
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
 
 

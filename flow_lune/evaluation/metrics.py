@@ -35,11 +35,6 @@ def judge_accuracy(judge: ToyJudge, images: torch.Tensor, prompts: Sequence[str]
     return attribute_accuracy(judge.predict(images), prompt_labels(prompts))
 
 
-def _check_images(name: str, x: torch.Tensor) -> None:
-    if x.ndim != 4 or x.shape[0] < 2:
-        raise ValueError(f"{name} images must be (B >= 2, 3, H, W), got {tuple(x.shape)}.")
-
-
 def toy_fid(judge: ToyJudge, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between the judge's penultimate features of ``real`` and ``fake`` (torchmetrics).
 
@@ -47,8 +42,9 @@ def toy_fid(judge: ToyJudge, real: torch.Tensor, fake: torch.Tensor) -> float:
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    _check_images("real", real)
-    _check_images("fake", fake)
+    for name, x in (("real", real), ("fake", fake)):
+        if x.ndim != 4 or x.shape[0] < 2:
+            raise ValueError(f"{name} images must be (B >= 2, 3, H, W), got {tuple(x.shape)}.")
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True)
     fid.update(real, real=True)
     fid.update(fake, real=False)
@@ -58,7 +54,7 @@ def toy_fid(judge: ToyJudge, real: torch.Tensor, fake: torch.Tensor) -> float:
 def jackknife_se(leave_one_out: Sequence[float]) -> float:
     """Delete-a-group jackknife standard error of a statistic from its K leave-one-group-out values ``t_k``.
 
-    ``se = sqrt((K - 1) / K * sum_k (t_k - mean_k t_k)^2)`` (Efron and Tibshirani 1993, eq. 11.5, with groups).
+    ``se = sqrt((K - 1) / K * sum_k (t_k - mean_k t_k)^2)`` (Efron and Tibshirani 1993, chapter 11).
     """
     k = len(leave_one_out)
     if k < 2:
