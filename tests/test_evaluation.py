@@ -79,7 +79,7 @@ def test_other_noise_partner_picks_the_same_prompt():
     assert out["same_noise_psnr"] == pytest.approx(100.0) and out["different_noise_psnr"] < 30
 
 
-def test_toy_fid_matches_an_independent_frechet_distance(judge):
+def test_toy_fid_matches_an_independent_frechet_distance(judge, monkeypatch):
     """torchmetrics on the judge's features = ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))`` by scipy."""
     linalg = pytest.importorskip("scipy.linalg")
 
@@ -93,6 +93,10 @@ def test_toy_fid_matches_an_independent_frechet_distance(judge):
     got = toy_fid(judge, real, fake)
     assert got == pytest.approx(expected, rel=2e-3)
     assert toy_fid(judge, real, real) < 1e-3 * got
+    from flow_lune.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "FEATURE_BATCH", 7)  # features in batches of 7 images, summed: the same distance
+    assert toy_fid(judge, real, fake) == pytest.approx(got, rel=1e-6)
 
 
 def test_jackknife_se_of_a_mean_is_the_standard_error_of_the_group_means():

@@ -6,6 +6,7 @@ Images are float tensors in [0, 1], (B, 3, H, W).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -35,6 +36,15 @@ def judge_accuracy(judge: ToyJudge, images: torch.Tensor, prompts: Sequence[str]
     return attribute_accuracy(judge.predict(images), prompt_labels(prompts))
 
 
+FEATURE_BATCH = 256  # images per feature forward: the judge's activations for 38400 images at once need 40 GB
+
+
+def update_in_batches(metric: Any, images: torch.Tensor, real: bool) -> None:
+    """``metric.update`` in batches of ``FEATURE_BATCH`` images (the states are sums, so the result is the same)."""
+    for start in range(0, images.shape[0], FEATURE_BATCH):
+        metric.update(images[start : start + FEATURE_BATCH], real=real)
+
+
 def toy_fid(judge: ToyJudge, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between the judge's penultimate features of ``real`` and ``fake`` (torchmetrics).
 
@@ -46,8 +56,8 @@ def toy_fid(judge: ToyJudge, real: torch.Tensor, fake: torch.Tensor) -> float:
         if x.ndim != 4 or x.shape[0] < 2:
             raise ValueError(f"{name} images must be (B >= 2, 3, H, W), got {tuple(x.shape)}.")
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True)
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
+    update_in_batches(fid, real, real=True)
+    update_in_batches(fid, fake, real=False)
     return float(fid.compute())
 
 
@@ -97,7 +107,7 @@ class GroupedFID:
         out = []
         for chunk in torch.tensor_split(images, self.groups):
             metric = self._metric()
-            metric.update(chunk, real=real)
+            update_in_batches(metric, chunk, real=real)
             out.append(metric)
         return out
 

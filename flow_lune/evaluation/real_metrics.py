@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .metrics import FEATURE_BATCH, update_in_batches
+
 
 def _uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -29,8 +31,8 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, feature: int | torch.n
             "for its Inception network; install it or pass a feature module."
         )
     fid = FrechetInceptionDistance(feature=feature, normalize=False)
-    fid.update(_uint8(real), real=True)
-    fid.update(_uint8(fake), real=False)
+    update_in_batches(fid, _uint8(real), real=True)
+    update_in_batches(fid, _uint8(fake), real=False)
     return float(fid.compute())
 
 
@@ -81,5 +83,7 @@ def clip_score(images: torch.Tensor, prompts: Sequence[str], model_name_or_path:
     if images.shape[0] != len(prompts):
         raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts: give one prompt per image.")
     metric = CLIPScore(model_name_or_path=clip_model_loader(model_name_or_path))
-    metric.update(list(_uint8(images)), list(prompts))
+    for start in range(0, len(prompts), FEATURE_BATCH):  # CLIP's activations for every image at once: too large
+        end = start + FEATURE_BATCH
+        metric.update(list(_uint8(images[start:end])), list(prompts[start:end]))
     return float(metric.compute())
