@@ -238,6 +238,21 @@ def run_main(argv):
     return evaluate_script.main(evaluate_script.parse_args([*argv, "--no_progress"]))
 
 
+def sample_by_hand(teacher_dir, student_dir, prompts, teacher_setting, student_setting):
+    """The teacher's DDIM and the student's Euler images from evaluate.py's noise (seed 0), each at its
+    ``(steps, guidance)``: the rows' images recomputed outside evaluate.py."""
+    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner, sample_all
+
+    teacher = make_runner("teacher", load_pipeline(str(teacher_dir)), "ddim")
+    student = make_runner("student", load_pipeline(str(student_dir)), "euler")
+    size = teacher.pipe.unet.config.sample_size
+    noise = fixed_noise(len(prompts), (teacher.pipe.unet.config.in_channels, size, size), 0)
+    return tuple(
+        sample_all(runner, prompts, noise, steps, g, len(prompts), lambda n: None)[0]
+        for runner, (steps, g) in ((teacher, teacher_setting), (student, student_setting))
+    )
+
+
 def measured(row: dict) -> dict:
     """A report row without its timing, which differs between any two runs."""
     return {k: v for k, v in row.items() if k != "images_per_second"}
@@ -316,14 +331,9 @@ def test_teacher_guidance_samples_the_teacher_there_and_is_every_student_row_ref
     assert m["student", 1.0]["reference"] == "teacher ddim 2 steps g=3"
     assert p["student", 1.0]["reference"] == "teacher ddim 2 steps g=1"
     # the same comparison by hand: the student at cfg 1 against the teacher's DDIM at cfg 3, same noise
-    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner, same_noise_agreement, sample_all
+    from flow_lune.evaluation import same_noise_agreement
 
-    teacher = make_runner("teacher", load_pipeline(str(tiny_teacher_dir)), "ddim")
-    student = make_runner("student", load_pipeline(str(tiny_student_dir)), "euler")
-    size = teacher.pipe.unet.config.sample_size
-    noise = fixed_noise(4, (teacher.pipe.unet.config.in_channels, size, size), 0)
-    ref, _ = sample_all(teacher, mixed["prompts"], noise, 2, 3.0, 4, lambda n: None)
-    images, _ = sample_all(student, mixed["prompts"], noise, 2, 1.0, 4, lambda n: None)
+    ref, images = sample_by_hand(tiny_teacher_dir, tiny_student_dir, mixed["prompts"], (2, 3.0), (2, 1.0))
     expected = same_noise_agreement(images, ref, mixed["prompts"])
     got, other = m["student", 1.0]["same_noise_psnr"], p["student", 1.0]["same_noise_psnr"]
     assert got == pytest.approx(expected["same_noise_psnr"], rel=1e-6)
@@ -359,14 +369,7 @@ def test_jackknife_errors_are_reported_from_enough_prompts(tiny_teacher_dir, tin
                        "--output_dir", str(tmp_path)])  # fmt: skip
     assert report["reference"]["toy_fid_groups"] == 10
     rows = {(s["model"], s["steps"]): s for s in report["settings"]}
-    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner, sample_all
-
-    teacher = make_runner("teacher", load_pipeline(str(tiny_teacher_dir)), "ddim")
-    student = make_runner("student", load_pipeline(str(tiny_student_dir)), "euler")
-    size = teacher.pipe.unet.config.sample_size
-    noise = fixed_noise(20, (teacher.pipe.unet.config.in_channels, size, size), 0)
-    ref, _ = sample_all(teacher, report["prompts"], noise, 2, 3.0, 20, lambda n: None)
-    images, _ = sample_all(student, report["prompts"], noise, 1, 3.0, 20, lambda n: None)
+    ref, images = sample_by_hand(tiny_teacher_dir, tiny_student_dir, report["prompts"], (2, 3.0), (1, 3.0))
     grouped = GroupedFID(JudgeFeatures(load_judge(judge_path())), toy_arrays("heldout", 40).images.float() / 255.0)
     a, b = grouped.score(grouped.states(ref)), grouped.score(grouped.states(images))
     assert rows["teacher", 2]["toy_fid_real_se"] == pytest.approx(jackknife_se(a[1]), rel=1e-5)
