@@ -19,7 +19,8 @@ Plain reflow fits the teacher's ODE ends by mean squared error, which shrinks it
    (``OUT/pipeline``: the student's folder with the new UNet), with ``log.jsonl`` and ``run.json``
    (the command, the commit, the settings, the seconds).
 
-Each stage is skipped when its output exists. Evaluate the result like any student: ``evaluate.py --student
+Each stage is skipped when its output exists. Both stages draw from one generator seeded by ``--seed``: a run
+restarted after the real stage draws other numbers in the second stage than an uninterrupted one. Evaluate the result like any student: ``evaluate.py --student
 OUT/pipeline --guidance 1 --teacher_guidance 2`` (docs/reflow.md, item 6, gives the measured numbers).
 """
 
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log_every", type=int, default=50)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("student", "real_init"):
         if not (Path(getattr(args, name)) / "model_index.json").is_file():
             p.error(f"--{name} {getattr(args, name)!r} is not a pipeline folder (no model_index.json).")
@@ -207,9 +209,9 @@ def main(args: argparse.Namespace) -> Path:
 
     atomic_text(root / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     run = {
-        "command": "python experiments/dmd.py " + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["python", "experiments/dmd.py", *args.argv]),
         "git": git_state(REPO),
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "argv"},
         "seconds": time.perf_counter() - started,
     }
     atomic_text(root / "run.json", json.dumps(run, indent=2))

@@ -146,6 +146,8 @@ def test_dmd_experiment_trains_the_student_and_restarts_without_redoing(tiny_wor
     after = load_file(next((out / "unet").glob("*.safetensors")))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert (out / "model_index.json").is_file() and (tmp_path / "run" / "real" / "config.json").is_file()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["command"].startswith("python experiments/dmd.py --student ") and run["settings"]["steps"] == 3
     stamp = (out / "unet").stat().st_mtime_ns
     assert run_dmd(tiny_world, tmp_path / "run") == out and (out / "unet").stat().st_mtime_ns == stamp
     # the control: reflow only, no generator batch, no fake model update
