@@ -20,8 +20,9 @@ Plain reflow fits the teacher's ODE ends by mean squared error, which shrinks it
    (the command, the commit, the settings, the seconds).
 
 Each stage is skipped when its output exists. Both stages draw from one generator seeded by ``--seed``: a run
-restarted after the real stage draws other numbers in the second stage than an uninterrupted one. Evaluate the result like any student: ``evaluate.py --student
-OUT/pipeline --guidance 1 --teacher_guidance 2`` (docs/reflow.md, item 6, gives the measured numbers).
+restarted after the real stage draws other numbers in the second stage than an uninterrupted one. Evaluate the
+result like any student: ``evaluate.py --student OUT/pipeline --guidance 1 --teacher_guidance 2``
+(docs/reflow.md, item 6, gives the measured numbers).
 """
 
 from __future__ import annotations
