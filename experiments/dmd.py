@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import shutil
 import sys
@@ -90,10 +89,11 @@ def main(args: argparse.Namespace) -> Path:
     from flow_lune.ablation.study import git_state
     from flow_lune.atomic import atomic_folder, atomic_text
     from flow_lune.flow import SigmaSampler
-    from flow_lune.flow.convention import flow_state
+    from flow_lune.flow.convention import flow_state, x0_from_velocity
     from flow_lune.flow.reflow import reflow_target
-    from flow_lune.training.dmd import backward_simulation, denoising_loss, dmd_direction, dmd_loss, x0_from_velocity
-    from flow_lune.training.objective import per_sample_mse, student_velocity
+    from flow_lune.training.dmd import backward_simulation, denoising_loss, dmd_direction, dmd_loss
+    from flow_lune.training.objective import flow_matching_loss, student_velocity
+    from flow_lune.training.optimization import build_lr_scheduler
     from flow_lune.training.reflow_pairs import ReflowPairs
 
     started = time.perf_counter()
@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> Path:
         _log(f"real model: {args.real_steps} steps from {args.real_init}")
         real = UNet2DConditionModel.from_pretrained(Path(args.real_init) / "unet").train()
         opt = torch.optim.AdamW(real.parameters(), lr=args.real_learning_rate, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / args.real_steps)))
+        sched = build_lr_scheduler("cosine", opt, 0, args.real_steps, 1)  # diffusers': 0.5 (1 + cos(pi i / n))
         for i in range(args.real_steps):
             idx = batch(args.batch_size)
             x0, c = x0_all[idx], c_all[idx]
@@ -182,7 +182,8 @@ def main(args: argparse.Namespace) -> Path:
             continue
         x0, z = x0_all[idx], z_all[idx]
         sigma = sampler.sample(len(idx), gen)
-        reflow = per_sample_mse(velocity_of(student, c)(flow_state(x0, z, sigma), sigma), reflow_target(x0, z)).mean()
+        v = velocity_of(student, c)(flow_state(x0, z, sigma), sigma)
+        reflow = flow_matching_loss(v, reflow_target(x0, z), sigma)
         record = {"step": i - warmup + 1, "reflow": reflow.item()}
         loss = reflow
         if args.dmd_weight > 0:

@@ -27,6 +27,7 @@ from .convention import (
     guided_velocity,
     shift_sigma,
     sigma_from_flow_timestep,
+    x0_from_velocity,
 )
 from .loss_weight import LOSS_WEIGHTINGS, loss_weight
 from .reflow import reflow_target
@@ -74,4 +75,5 @@ __all__ = [
     "teacher_input",
     "teacher_query",
     "velocity_from_eps",
+    "x0_from_velocity",
 ]

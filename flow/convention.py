@@ -54,6 +54,12 @@ def flow_state(x0: torch.Tensor, eps: torch.Tensor, sigma: Tensorish) -> torch.T
     return (1 - sigma) * x0 + sigma * eps
 
 
+def x0_from_velocity(x_sigma: torch.Tensor, v: torch.Tensor, sigma: Tensorish) -> torch.Tensor:
+    """The clean latent a velocity points to: ``x0 = x_sigma - sigma * v`` (ComfyUI's CONST ``denoised``; exact on
+    the straight path, where ``x_sigma = (1 - sigma) x0 + sigma eps`` and ``v = eps - x0``)."""
+    return x_sigma - expand_sigma(sigma, x_sigma) * v
+
+
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: Tensorish, sigma_next: Tensorish) -> torch.Tensor:
     """One Euler step of the flow ODE: ``x <- x + (sigma_next - sigma) * v``."""
     return x + (expand_sigma(sigma_next, x) - expand_sigma(sigma, x)) * v

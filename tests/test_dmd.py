@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from flow_lune.flow.convention import flow_state
-from flow_lune.training.dmd import backward_simulation, denoising_loss, dmd_direction, dmd_loss, x0_from_velocity
+from flow_lune.flow.convention import flow_state, x0_from_velocity
+from flow_lune.training.dmd import backward_simulation, denoising_loss, dmd_direction, dmd_loss
 
 
 def test_x0_from_velocity_inverts_the_straight_path():

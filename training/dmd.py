@@ -4,7 +4,7 @@ Distillation*, and DMD2, Yin et al. 2024), in Flow Lune's flow convention, one f
 A generator (the student sampled on its few-step Euler grid) makes clean latents ``x0_g``. Two flow models score
 them after re-noising, ``x_t = flow_state(x0_g, n, t)``: a *real* model of the target distribution and a *fake*
 model trained online, by flow matching, on the generator's own samples. Each gives a clean-latent prediction
-``x0 = x_t - t v`` (:func:`x0_from_velocity`); their difference is the gradient of the KL divergence from the
+``x0 = x_t - t v`` (``convention.x0_from_velocity``); their difference is the gradient of the KL divergence from the
 generator's distribution to the real one (DMD eq. 7, up to a positive weight per sample):
 
     g = (x0_fake - x0_real) / mean_i |x0_g - x0_real|          (dmd_direction)
@@ -21,17 +21,12 @@ from collections.abc import Callable
 
 import torch
 
-from flow_lune.flow.convention import euler_step, expand_sigma, flow_state
+from flow_lune.flow.convention import euler_step, expand_sigma, flow_state, x0_from_velocity
+from flow_lune.flow.reflow import reflow_target
 
-from .objective import per_sample_mse
+from .objective import flow_matching_loss
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_sigma, sigma (B,)) -> v
-
-
-def x0_from_velocity(x_sigma: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """The clean latent a velocity points to: ``x0 = x_sigma - sigma * v`` (exact on the straight path, where
-    ``x_sigma = (1 - sigma) x0 + sigma eps`` and ``v = eps - x0``)."""
-    return x_sigma - expand_sigma(sigma, x_sigma) * v
 
 
 def dmd_direction(x0_gen: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -64,5 +59,6 @@ def backward_simulation(velocity: Velocity, z: torch.Tensor, grid: torch.Tensor,
 
 def denoising_loss(velocity: Velocity, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Flow matching on samples ``x0`` (how the fake model follows the generator, and how a real model learns a
-    sample set): ``mean_i |v(flow_state(x0, n, sigma), sigma) - (n - x0)|^2``."""
-    return per_sample_mse(velocity(flow_state(x0, noise, sigma), sigma), noise - x0).mean()
+    sample set): ``mean_i |v(flow_state(x0, n, sigma), sigma) - (n - x0)|^2``, the straight line's velocity
+    (``reflow_target``) as the target, unweighted (``flow_matching_loss``)."""
+    return flow_matching_loss(velocity(flow_state(x0, noise, sigma), sigma), reflow_target(x0, noise), sigma)
