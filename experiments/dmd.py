@@ -19,8 +19,10 @@ Plain reflow fits the teacher's ODE ends by mean squared error, which shrinks it
    (``OUT/pipeline``: the student's folder with the new UNet), with ``log.jsonl`` and ``run.json``
    (the command, the commit, the settings, the seconds).
 
-Each stage is skipped when its output exists. Both stages draw from one generator seeded by ``--seed``: a run
-restarted after the real stage draws other numbers in the second stage than an uninterrupted one. Evaluate the
+Each stage is skipped when its output exists. Both stages draw from one generator seeded by ``--seed``; its state
+after the first stage is saved with the real model, so a run restarted after it draws what an unbroken run does.
+``--ema_decay`` also writes an exponential moving average of the student (``OUT/pipeline-ema``), and
+``--snapshot_every N`` the student every N steps (``OUT/snapshots/N``, with ``N-ema``). Evaluate the
 result like any student: ``evaluate.py --student OUT/pipeline --guidance 1 --teacher_guidance 2``
 (docs/reflow.md, item 6, gives the measured numbers).
 """
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+GENERATOR_STATE = "generator_state.safetensors"  # in OUT/real: the generator after the first stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log_every", type=int, default=50)
+    p.add_argument("--ema_decay", type=float, default=0.0, help="> 0: also write OUT/pipeline-ema (diffusers EMAModel)")
+    p.add_argument("--snapshot_every", type=int, default=0, help="> 0: also write OUT/snapshots/STEP every this many")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("student", "real_init"):
@@ -72,8 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("real_steps", "steps", "batch_size", "dmd_batch_size", "sample_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.warmup_steps < 0 or args.dmd_weight < 0:
-        p.error("--warmup_steps and --dmd_weight must be >= 0.")
+    if args.warmup_steps < 0 or args.dmd_weight < 0 or args.snapshot_every < 0:
+        p.error("--warmup_steps, --dmd_weight and --snapshot_every must be >= 0.")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
     return args
 
 
@@ -84,6 +91,8 @@ def _log(message: str) -> None:
 def main(args: argparse.Namespace) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file, save_file
 
     from flow_lune import FlowLunePipeline
     from flow_lune.ablation.study import git_state
@@ -139,7 +148,16 @@ def main(args: argparse.Namespace) -> Path:
             sched.step()
             if i % args.log_every == 0:
                 _log(f"real {i}: loss {loss.item():.4f}")
-        atomic_folder(real_dir, lambda tmp: real.save_pretrained(tmp))
+
+        def fill_real(tmp: Path) -> None:
+            real.save_pretrained(tmp)
+            save_file({"state": gen.get_state()}, tmp / GENERATOR_STATE)  # a restart draws as an unbroken run
+
+        atomic_folder(real_dir, fill_real)
+    elif (real_dir / GENERATOR_STATE).is_file():
+        gen.set_state(load_file(real_dir / GENERATOR_STATE)["state"])
+    else:
+        _log(f"{real_dir} has no {GENERATOR_STATE}: the second stage draws other numbers than an unbroken run")
 
     # 2. DMD fine-tune of the student, the fake model starting from the real one
     out = root / "pipeline"
@@ -154,7 +172,23 @@ def main(args: argparse.Namespace) -> Path:
     grid = pipe.scheduler.sigmas.float()
     opt_s = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=0.0)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.fake_learning_rate, weight_decay=0.0)
+    ema = EMAModel(student.parameters(), decay=args.ema_decay) if args.ema_decay > 0 else None
     records = []
+
+    def write_student(folder: Path, averaged: bool = False) -> None:
+        """``--student``'s folder with the student's UNet (its EMA with ``averaged``), atomically."""
+
+        def fill(tmp: Path) -> None:
+            shutil.copytree(args.student, tmp, dirs_exist_ok=True)
+            shutil.rmtree(tmp / "unet")
+            if averaged:
+                ema.store(student.parameters())
+                ema.copy_to(student.parameters())
+            student.save_pretrained(tmp / "unet")
+            if averaged:
+                ema.restore(student.parameters())
+
+        atomic_folder(folder, fill)
 
     def generated(c: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(len(grid) - 1, (1,), generator=gen))
@@ -198,16 +232,19 @@ def main(args: argparse.Namespace) -> Path:
             loss = reflow + args.dmd_weight * dmd
             record.update(dmd=dmd.item(), direction=direction.abs().mean().item())
         step(student, opt_s, loss)
+        if ema is not None:
+            ema.step(student.parameters())
         if args.dmd_weight > 0:
             record["fake"] = fake_update(x0g, cg)
         records.append(record)
         if (i - warmup) % args.log_every == 0:
             _log(json.dumps(record))
-
-    def fill(tmp: Path) -> None:
-        shutil.copytree(args.student, tmp, dirs_exist_ok=True)
-        shutil.rmtree(tmp / "unet")
-        student.save_pretrained(tmp / "unet")
+        n = record["step"]
+        if args.snapshot_every and n % args.snapshot_every == 0 and n < args.steps:
+            (root / "snapshots").mkdir(exist_ok=True)
+            write_student(root / "snapshots" / str(n))
+            if ema is not None:
+                write_student(root / "snapshots" / f"{n}-ema", averaged=True)
 
     atomic_text(root / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     run = {
@@ -217,7 +254,9 @@ def main(args: argparse.Namespace) -> Path:
         "seconds": time.perf_counter() - started,
     }
     atomic_text(root / "run.json", json.dumps(run, indent=2))
-    atomic_folder(out, fill)
+    if ema is not None:
+        write_student(root / "pipeline-ema", averaged=True)
+    write_student(out)
     _log(f"wrote {out} in {run['seconds']:.0f} s")
     return out
 

@@ -4,6 +4,7 @@ Gaussian data (whose DMD direction must point from the generator's distribution 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -170,3 +171,37 @@ def test_dmd_experiment_refuses_bad_input_before_work(tiny_world, tmp_path, caps
         )
     assert "--t_min 0.9" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_dmd_experiment_restart_after_the_real_stage_draws_as_an_unbroken_run(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    def unet(folder):
+        return load_file(next((folder / "unet").glob("*.safetensors")))
+
+    unbroken = unet(run_dmd(tiny_world, tmp_path / "a"))
+    run_dmd(tiny_world, tmp_path / "b", "--steps", "1")  # stands in for a run stopped after its real stage
+    shutil.rmtree(tmp_path / "b" / "pipeline")
+    restarted = unet(run_dmd(tiny_world, tmp_path / "b"))
+    assert all(torch.equal(unbroken[k], restarted[k]) for k in unbroken)
+
+
+def test_dmd_experiment_writes_the_average_and_snapshots(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    def unet(folder):
+        return load_file(next((folder / "unet").glob("*.safetensors")))
+
+    root = tmp_path / "run"
+    out = run_dmd(tiny_world, root, "--ema_decay", "0.5", "--snapshot_every", "1")
+    assert sorted(p.name for p in (root / "snapshots").iterdir()) == ["1", "1-ema", "2", "2-ema"]
+    w = [unet(root / "snapshots" / "1"), unet(root / "snapshots" / "2"), unet(out)]
+    averages = [unet(root / "snapshots" / "1-ema"), unet(root / "snapshots" / "2-ema"), unet(root / "pipeline-ema")]
+    # the reference: s_n = d_n s_(n-1) + (1 - d_n) w_n with EMAModel's decay min(0.5, n / (9 + n)) at update n,
+    # 0 at the first (diffusers.training_utils.EMAModel.get_decay without ema warm-up)
+    s = w[0]
+    for n, (weights, average) in enumerate(zip(w, averages), start=1):
+        d = 0.0 if n == 1 else min(0.5, n / (9 + n))
+        s = {k: d * s[k] + (1 - d) * weights[k] for k in s}
+        assert all(torch.allclose(average[k], s[k], atol=1e-6) for k in s), n
+    assert any(not torch.equal(w[2][k], averages[2][k]) for k in w[2])
