@@ -10,7 +10,9 @@ Plain reflow fits the teacher's ODE ends by mean squared error, which shrinks it
 
 1. **real**: a conditional flow model of the pairs' clean ends ``x0_hat`` (the teacher's guided ODE samples),
    trained by flow matching with fresh noise from ``--real_init``'s UNet (``OUT/real``). It is the real score;
-   an unguided model of the guided samples, so real and fake are models of the same kind.
+   an unguided model of the guided samples, so real and fake are models of the same kind. With
+   ``--real_teacher`` this stage is skipped: the real score is the teacher itself, through the bridge at the
+   pairs' guidance (DMD's own choice), and the fake model starts from ``--real_init``'s UNet.
 2. **dmd**: the fake model starts as a copy of the real one and first follows the generator alone for
    ``--warmup_steps``; then each step takes, from the same ``--seed``-ed generator, a reflow batch (MSE to
    the straight line) and a generator batch (backward simulation on the student's ``--sample_steps`` Euler
@@ -45,7 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Reflow + distribution matching (DMD) fine-tune of a reflowed student.")
     p.add_argument("--student", required=True, help="the reflowed student (FlowLunePipeline folder)")
     p.add_argument("--pairs", required=True, help="its reflow pair set (generate_reflow_pairs.py)")
-    p.add_argument("--real_init", required=True, help="FlowLunePipeline folder whose UNet starts the real model")
+    p.add_argument(
+        "--real_init", required=True, help="FlowLunePipeline folder whose UNet starts the real and the fake model"
+    )
+    p.add_argument(
+        "--real_teacher",
+        default=None,
+        help="an epsilon SD1.5 folder ('toy': the shipped toy teacher): the real score is this teacher through the "
+        "bridge at the pairs' guidance, and the first stage is skipped",
+    )
     p.add_argument("--output_dir", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real_steps", type=int, default=1500, help="flow-matching steps of the real model")
@@ -70,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("student", "real_init"):
         if not (Path(getattr(args, name)) / "model_index.json").is_file():
             p.error(f"--{name} {getattr(args, name)!r} is not a pipeline folder (no model_index.json).")
+    if args.real_teacher == "toy":
+        from flow_lune.toy import teacher_path
+
+        args.real_teacher = str(teacher_path())
+    if args.real_teacher is not None and not (Path(args.real_teacher) / "model_index.json").is_file():
+        p.error(f"--real_teacher {args.real_teacher!r} is not a pipeline folder (no model_index.json); or 'toy'.")
     if not (Path(args.pairs) / "index.json").is_file():
         p.error(f"--pairs {args.pairs!r} is not a finished pair set (no index.json); run generate_reflow_pairs.py.")
     if not 0 <= args.t_min < args.t_max <= 1:
@@ -132,9 +148,27 @@ def main(args: argparse.Namespace) -> Path:
     def batch(n: int) -> torch.Tensor:
         return torch.randint(len(rows), (n,), generator=gen)
 
-    # 1. The real model: flow matching on the pairs' clean ends
+    # 1. The real model: flow matching on the pairs' clean ends (or the teacher through the bridge)
     real_dir = root / "real"
-    if not (real_dir / "config.json").is_file():
+    if args.real_teacher is not None:
+        from diffusers import StableDiffusionPipeline
+
+        from flow_lune.flow import EpsilonToFlowUNet, guided_velocity
+
+        sd = StableDiffusionPipeline.from_pretrained(args.real_teacher)
+        teacher = EpsilonToFlowUNet(sd.unet.eval().requires_grad_(False), sd.scheduler.config)
+        empty = pairs.empty_prompt_embeds.float()[None]
+        guidance = float(pairs.config["guidance"])
+
+        def real_velocity(c: torch.Tensor):
+            def v(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                v_cond = teacher.velocity(x, sigma, c)
+                return guided_velocity(teacher.velocity(x, sigma, empty.expand(len(c), -1, -1)), v_cond, guidance)
+
+            return v
+
+        fake_init = Path(args.real_init) / "unet"
+    elif not (real_dir / "config.json").is_file():
         _log(f"real model: {args.real_steps} steps from {args.real_init}")
         real = UNet2DConditionModel.from_pretrained(Path(args.real_init) / "unet").train()
         opt = torch.optim.AdamW(real.parameters(), lr=args.real_learning_rate, weight_decay=0.0)
@@ -158,6 +192,12 @@ def main(args: argparse.Namespace) -> Path:
         gen.set_state(load_file(real_dir / GENERATOR_STATE)["state"])
     else:
         _log(f"{real_dir} has no {GENERATOR_STATE}: the second stage draws other numbers than an unbroken run")
+    if args.real_teacher is None:
+        real = UNet2DConditionModel.from_pretrained(real_dir).eval().requires_grad_(False)
+        fake_init = real_dir
+
+        def real_velocity(c: torch.Tensor):
+            return velocity_of(real, c)
 
     # 2. DMD fine-tune of the student, the fake model starting from the real one
     out = root / "pipeline"
@@ -166,8 +206,7 @@ def main(args: argparse.Namespace) -> Path:
         return out
     pipe = FlowLunePipeline.from_pretrained(args.student)
     student = pipe.unet.train()
-    real = UNet2DConditionModel.from_pretrained(real_dir).eval().requires_grad_(False)
-    fake = UNet2DConditionModel.from_pretrained(real_dir).train()
+    fake = UNet2DConditionModel.from_pretrained(fake_init).train()
     pipe.scheduler.set_timesteps(args.sample_steps)
     grid = pipe.scheduler.sigmas.float()
     opt_s = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -225,7 +264,7 @@ def main(args: argparse.Namespace) -> Path:
             t = args.t_min + (args.t_max - args.t_min) * torch.rand(len(cg), generator=gen)
             x_t = flow_state(x0g.detach(), torch.randn(x0g.shape, generator=gen), t)
             with torch.no_grad():
-                x0_real = x0_from_velocity(x_t, velocity_of(real, cg)(x_t, t), t)
+                x0_real = x0_from_velocity(x_t, real_velocity(cg)(x_t, t), t)
                 x0_fake = x0_from_velocity(x_t, velocity_of(fake, cg)(x_t, t), t)
             direction = dmd_direction(x0g, x0_real, x0_fake)
             dmd = dmd_loss(x0g, direction)

@@ -170,6 +170,9 @@ def test_dmd_experiment_refuses_bad_input_before_work(tiny_world, tmp_path, caps
             [*base, "--pairs", str(tiny_world / "pairs"), "--output_dir", "x", "--t_min", "0.9", "--t_max", "0.1"]
         )
     assert "--t_min 0.9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dmd.parse_args([*base, "--pairs", str(tiny_world / "pairs"), "--output_dir", "x", "--real_teacher", "nope"])
+    assert "--real_teacher 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -205,3 +208,15 @@ def test_dmd_experiment_writes_the_average_and_snapshots(tiny_world, tmp_path):
         s = {k: d * s[k] + (1 - d) * weights[k] for k in s}
         assert all(torch.allclose(average[k], s[k], atol=1e-6) for k in s), n
     assert any(not torch.equal(w[2][k], averages[2][k]) for k in w[2])
+
+
+def test_dmd_experiment_with_the_teacher_as_the_real_score_skips_the_first_stage(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    out = run_dmd(tiny_world, tmp_path / "run", "--real_teacher", str(tiny_world / "teacher"))
+    assert not (tmp_path / "run" / "real").exists()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["direction"] > 0 for r in records)
+    before = load_file(next((tiny_world / "student" / "unet").glob("*.safetensors")))
+    after = load_file(next((out / "unet").glob("*.safetensors")))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
