@@ -151,12 +151,13 @@ def main(args: argparse.Namespace) -> Path:
     # 1. The real model: flow matching on the pairs' clean ends (or the teacher through the bridge)
     real_dir = root / "real"
     if args.real_teacher is not None:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DDPMScheduler
 
         from flow_lune.flow import EpsilonToFlowUNet, guided_velocity
 
-        sd = StableDiffusionPipeline.from_pretrained(args.real_teacher)
-        teacher = EpsilonToFlowUNet(sd.unet.eval().requires_grad_(False), sd.scheduler.config)
+        unet = UNet2DConditionModel.from_pretrained(args.real_teacher, subfolder="unet")  # the UNet only, no VAE
+        schedule = DDPMScheduler.load_config(args.real_teacher, subfolder="scheduler")
+        teacher = EpsilonToFlowUNet(unet.eval().requires_grad_(False), schedule)
         empty = pairs.empty_prompt_embeds.float()[None]
         guidance = float(pairs.config["guidance"])
 
