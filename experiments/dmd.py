@@ -26,7 +26,7 @@ after the first stage is saved with the real model, so a run restarted after it 
 ``--ema_decay`` also writes an exponential moving average of the student (``OUT/pipeline-ema``), and
 ``--snapshot_every N`` the student every N steps (``OUT/snapshots/N``, with ``N-ema``). Evaluate the
 result like any student: ``evaluate.py --student OUT/pipeline --guidance 1 --teacher_guidance 2``
-(docs/reflow.md, item 6, gives the measured numbers).
+(docs/reflow.md, items 6 and 7, give the measured numbers).
 """
 
 from __future__ import annotations
