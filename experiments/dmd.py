@@ -24,7 +24,10 @@ Plain reflow fits the teacher's ODE ends by mean squared error, which shrinks it
 Each stage is skipped when its output exists. Both stages draw from one generator seeded by ``--seed``; its state
 after the first stage is saved with the real model, so a run restarted after it draws what an unbroken run does.
 ``--ema_decay`` also writes an exponential moving average of the student (``OUT/pipeline-ema``), and
-``--snapshot_every N`` the student every N steps (``OUT/snapshots/N``, with ``N-ema``). Evaluate the
+``--snapshot_every N`` the student every N steps (``OUT/snapshots/N``, with ``N-ema``). The student swings along
+the run (docs/reflow.md, item 7): ``--select_every N`` (toy world only) scores it every N steps, and at the start and
+the end, by toy FID at Euler ``--sample_steps`` on data the evaluation does not use (the toy train split and noise
+seed ``--select_seed``), keeps the best as ``OUT/pipeline-best`` and records the scores in ``run.json``. Evaluate the
 result like any student: ``evaluate.py --student OUT/pipeline --guidance 1 --teacher_guidance 2``
 (docs/reflow.md, items 6 and 7, give the measured numbers).
 """
@@ -75,6 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_every", type=int, default=50)
     p.add_argument("--ema_decay", type=float, default=0.0, help="> 0: also write OUT/pipeline-ema (diffusers EMAModel)")
     p.add_argument("--snapshot_every", type=int, default=0, help="> 0: also write OUT/snapshots/STEP every this many")
+    p.add_argument(
+        "--select_every",
+        type=int,
+        default=0,
+        help="> 0: every this many steps (and at 0 and the end) score the student by toy FID on held-apart data "
+        "(the toy train split, its own noise) and keep the best as OUT/pipeline-best",
+    )
+    p.add_argument("--select_prompts", type=int, default=960, help="toy prompts of the selection's draw")
+    p.add_argument("--select_seed", type=int, default=1000, help="the selection's noise seed (evaluations use 0..)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("student", "real_init"):
@@ -93,8 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("real_steps", "steps", "batch_size", "dmd_batch_size", "sample_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.warmup_steps < 0 or args.dmd_weight < 0 or args.snapshot_every < 0:
-        p.error("--warmup_steps, --dmd_weight and --snapshot_every must be >= 0.")
+    if args.warmup_steps < 0 or args.dmd_weight < 0 or args.snapshot_every < 0 or args.select_every < 0:
+        p.error("--warmup_steps, --dmd_weight, --snapshot_every and --select_every must be >= 0.")
+    if args.select_prompts < 2:
+        p.error(f"--select_prompts must be >= 2 (a Frechet distance needs two images), got {args.select_prompts}.")
     if not 0 <= args.ema_decay < 1:
         p.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
     return args
@@ -209,7 +223,7 @@ def main(args: argparse.Namespace) -> Path:
     student = pipe.unet.train()
     fake = UNet2DConditionModel.from_pretrained(fake_init).train()
     pipe.scheduler.set_timesteps(args.sample_steps)
-    grid = pipe.scheduler.sigmas.float()
+    grid = pipe.scheduler.sigmas.float().clone()  # the selection's sampling sets the scheduler's timesteps again
     opt_s = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=0.0)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.fake_learning_rate, weight_decay=0.0)
     ema = EMAModel(student.parameters(), decay=args.ema_decay) if args.ema_decay > 0 else None
@@ -230,6 +244,29 @@ def main(args: argparse.Namespace) -> Path:
 
         atomic_folder(folder, fill)
 
+    selection: dict[int, float] = {}
+    if args.select_every:
+        from flow_lune.evaluation import GroupedFID, fixed_noise, make_runner, sample_all
+        from flow_lune.toy import heldout_prompts, judge_path, toy_arrays
+        from flow_lune.toy.judge import JudgeFeatures, load_judge
+
+        select_prompts = heldout_prompts(args.select_prompts)
+        select_noise = fixed_noise(len(select_prompts), tuple(x0_all.shape[1:]), args.select_seed)
+        train_images = toy_arrays("train", 2 * len(select_prompts), seed=0).images.float() / 255.0
+        select_fid = GroupedFID(JudgeFeatures(load_judge(judge_path())), train_images, 1)
+
+    def select(n: int) -> None:
+        """Toy FID of the student after ``n`` updates at Euler ``--sample_steps``, cfg 1, on the held-apart draw
+        (train-split images, noise seed ``--select_seed``); the best so far is written to ``OUT/pipeline-best``."""
+        student.eval()
+        runner = make_runner("student", pipe, "euler")
+        images, _ = sample_all(runner, select_prompts, select_noise, args.sample_steps, 1.0, 96)
+        student.train()
+        selection[n] = select_fid.score(select_fid.states(images))[0]
+        _log(f"selection {n}: toy FID {selection[n]:.4f}")
+        if selection[n] == min(selection.values()):
+            write_student(root / "pipeline-best")
+
     def generated(c: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(len(grid) - 1, (1,), generator=gen))
         z = torch.randn((len(c), *x0_all.shape[1:]), generator=gen)
@@ -242,6 +279,8 @@ def main(args: argparse.Namespace) -> Path:
         return loss.item()
 
     warmup = args.warmup_steps if args.dmd_weight > 0 else 0
+    if args.select_every:
+        select(0)  # the start competes too
     _log(f"dmd: {warmup} fake-only steps, then {args.steps} student steps (dmd_weight {args.dmd_weight})")
     for i in range(warmup + args.steps):
         idx = batch(args.batch_size)
@@ -285,6 +324,8 @@ def main(args: argparse.Namespace) -> Path:
             write_student(root / "snapshots" / str(n))
             if ema is not None:
                 write_student(root / "snapshots" / f"{n}-ema", averaged=True)
+        if args.select_every and (n % args.select_every == 0 or n == args.steps):
+            select(n)
 
     atomic_text(root / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     run = {
@@ -293,6 +334,8 @@ def main(args: argparse.Namespace) -> Path:
         "settings": {k: v for k, v in vars(args).items() if k != "argv"},
         "seconds": time.perf_counter() - started,
     }
+    if selection:
+        run["selection"] = {"toy_fid": selection, "best_step": min(selection, key=selection.get)}
     atomic_text(root / "run.json", json.dumps(run, indent=2))
     if ema is not None:
         write_student(root / "pipeline-ema", averaged=True)

@@ -173,6 +173,9 @@ def test_dmd_experiment_refuses_bad_input_before_work(tiny_world, tmp_path, caps
     with pytest.raises(SystemExit):
         dmd.parse_args([*base, "--pairs", str(tiny_world / "pairs"), "--output_dir", "x", "--real_teacher", "nope"])
     assert "--real_teacher 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dmd.parse_args([*base, "--pairs", str(tiny_world / "pairs"), "--output_dir", "x", "--select_prompts", "1"])
+    assert "--select_prompts must be >= 2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -220,3 +223,32 @@ def test_dmd_experiment_with_the_teacher_as_the_real_score_skips_the_first_stage
     before = load_file(next((tiny_world / "student" / "unet").glob("*.safetensors")))
     after = load_file(next((out / "unet").glob("*.safetensors")))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dmd_experiment_selects_the_best_student_on_held_apart_data_without_changing_the_run(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from flow_lune.evaluation import fixed_noise, load_pipeline, make_runner, sample_all, toy_fid
+    from flow_lune.toy import heldout_prompts, judge_path, toy_arrays
+    from flow_lune.toy.judge import load_judge
+
+    def unet(folder):
+        return load_file(next((folder / "unet").glob("*.safetensors")))
+
+    root = tmp_path / "run"
+    out = run_dmd(tiny_world, root, "--select_every", "1", "--select_prompts", "8", "--snapshot_every", "1")
+    plain = run_dmd(tiny_world, tmp_path / "plain")
+    assert all(torch.equal(unet(out)[k], w) for k, w in unet(plain).items())  # selection draws no training numbers
+    selection = json.loads((root / "run.json").read_text())["selection"]
+    scores = {int(k): v for k, v in selection["toy_fid"].items()}
+    assert sorted(scores) == [0, 1, 2, 3] and len(set(scores.values())) == 4
+    best = min(scores, key=scores.get)
+    assert selection["best_step"] == best
+    folders = {0: tiny_world / "student", 1: root / "snapshots" / "1", 2: root / "snapshots" / "2", 3: out}
+    assert all(torch.equal(unet(root / "pipeline-best")[k], w) for k, w in unet(folders[best]).items())
+    # the last score, recomputed from the written folder with the evaluator's functions
+    prompts = heldout_prompts(8)
+    runner = make_runner("student", load_pipeline(out), "euler")
+    images, _ = sample_all(runner, prompts, fixed_noise(8, (4, 8, 8), 1000), 2, 1.0, 96)
+    real = toy_arrays("train", 16, seed=0).images.float() / 255.0
+    assert toy_fid(load_judge(judge_path()), real, images) == pytest.approx(scores[3], rel=1e-4)
