@@ -254,13 +254,13 @@ def main(args: argparse.Namespace) -> Path:
         select_noise = fixed_noise(len(select_prompts), tuple(x0_all.shape[1:]), args.select_seed)
         train_images = toy_arrays("train", 2 * len(select_prompts), seed=0).images.float() / 255.0
         select_fid = GroupedFID(JudgeFeatures(load_judge(judge_path())), train_images, 1)
+        select_runner = make_runner("student", pipe, "euler")  # samples `pipe`, whose UNet is the student
 
     def select(n: int) -> None:
         """Toy FID of the student after ``n`` updates at Euler ``--sample_steps``, cfg 1, on the held-apart draw
         (train-split images, noise seed ``--select_seed``); the best so far is written to ``OUT/pipeline-best``."""
         student.eval()
-        runner = make_runner("student", pipe, "euler")
-        images, _ = sample_all(runner, select_prompts, select_noise, args.sample_steps, 1.0, 96)
+        images, _ = sample_all(select_runner, select_prompts, select_noise, args.sample_steps, 1.0, 96)
         student.train()
         selection[n] = select_fid.score(select_fid.states(images))[0]
         _log(f"selection {n}: toy FID {selection[n]:.4f}")
