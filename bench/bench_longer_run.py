@@ -29,7 +29,7 @@ from flow_lune.atomic import atomic_text
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 45 * 60  # issue 9: the longer run takes at most 45 minutes on 2 cores
-FID_RATIO = 1.10  # student Euler 8 toy FID at most 10% above the teacher's DDIM 25
+FID_ABOVE = 0.10  # student Euler 8 toy FID at most 10% above the teacher's DDIM 25
 ACCURACY_GAP = 0.05  # student Euler 4 accuracy within 5 points of the teacher's DDIM 25
 AGREEMENT_DB = 3.0  # same-noise PSNR at least 3 dB above the other-noise floor
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -71,14 +71,15 @@ def run_chain(root: Path) -> dict[str, float]:
 
 
 def targets(evaluation: dict) -> dict[str, dict]:
-    """Issue 9's longer-run targets on an ``evaluate.py`` result: each one's figure, its bound and whether it holds."""
+    """Issue 9's longer-run targets on an ``evaluate.py`` result: each one's figure, its bound and whether it holds.
+    The FID figure is the evaluator's own ``toy_fid_real_vs_reference`` (the reference: the teacher's DDIM 25)."""
     by = {(s["model"], s["sampler"], s["steps"]): s for s in evaluation["settings"]}
     teacher, euler8, euler4 = by[("teacher", "ddim", 25)], by[("student", "euler", 8)], by[("student", "euler", 4)]
-    ratio = euler8["toy_fid_real"] / teacher["toy_fid_real"]
+    above = euler8["toy_fid_real_vs_reference"]
     gap = teacher["accuracy"] - euler4["accuracy"]
     agreement = min(s["gap_db"] for (model, _, _), s in by.items() if model == "student")
     return {
-        "euler8_fid_over_teacher_ddim25": {"value": ratio, "bound": FID_RATIO, "met": ratio <= FID_RATIO},
+        "euler8_fid_above_teacher_ddim25": {"value": above, "bound": FID_ABOVE, "met": above <= FID_ABOVE},
         "ddim25_minus_euler4_accuracy": {"value": gap, "bound": ACCURACY_GAP, "met": gap <= ACCURACY_GAP},
         "same_noise_db_above_floor_min": {"value": agreement, "bound": AGREEMENT_DB, "met": agreement >= AGREEMENT_DB},
     }
